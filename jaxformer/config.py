@@ -1,0 +1,94 @@
+"""The one config object that flows from a recipe in `configs/` to every part.
+
+`default_config()` holds every key with its default; a recipe starts from it and
+overrides what it changes, so a typo in a recipe or on the command line
+(`--config.train.stpes=10`) is an error rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- model: mirrors jaxformer.model.TransformerConfig (vocab_size comes from the tokenizer).
+    c.model = m = ml_collections.ConfigDict()
+    m.d_model = 512
+    m.d_ff = 2048
+    m.num_heads = 8
+    m.d_k = ml_collections.FieldReference(None, field_type=int)  # per head; None: d_model // num_heads
+    m.d_v = ml_collections.FieldReference(None, field_type=int)
+    m.num_encoder_layers = 6
+    m.num_decoder_layers = 6
+    m.dropout_rate = 0.1            # P_drop: residual dropout and embeddings+positions
+    m.attention_dropout_rate = 0.0  # not in the paper; an option
+    m.relu_dropout_rate = 0.0       # not in the paper; an option
+    m.positional = "sinusoidal"     # or "learned" (Table 3 row E)
+    m.max_len = 512                 # longest sequence the positions (and decode cache) cover
+    m.share_embeddings = True       # one matrix for source and target embeddings
+    m.tie_output = True             # ... and for the pre-softmax projection
+    m.scale_embeddings = True       # multiply embeddings by sqrt(d_model)
+    m.norm = "post"                 # "post" (paper) or "pre"
+    m.dtype = "float32"             # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    m.attention_impl = "auto"       # "auto" (jax.nn.dot_product_attention picks, cuDNN on GPU), "xla", "cudnn", "einsum"
+
+    # --- data
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "files"              # "hub" (a Hugging Face dataset by name), "files" (local), "synthetic" (offline default)
+    d.hub_name = "wmt14"            # with source="hub"
+    d.hub_config = "de-en"
+    d.hub_field = "translation"     # the {lang: text} field of the WMT/Multi30k layout
+    d.train_split = "train"
+    d.valid_split = "validation"
+    d.test_split = "test"
+    d.src_lang = "en"
+    d.tgt_lang = "de"
+    # with source="files": per split a pair of aligned text files, or one .tsv/.jsonl/.parquet file.
+    d.train_files = ""              # e.g. "../shared/data/multi30k/train" (+ .en/.de), or "data.tsv"
+    d.valid_files = ""
+    d.test_files = ""
+    d.vocab_size = 8000
+    d.vocab_sample_size = 1_000_000  # sentences (both sides) read to train the subword model
+    d.vocab_model = ""              # path of an existing sentencepiece model to use instead of training one
+    d.max_len = 256                 # pairs with a side longer than this (in tokens, with EOS) are skipped
+    d.tokens_per_batch = 4096       # per step, all processes together, for each side (paper: ~25,000)
+    d.bucket_lengths = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    d.shuffle_buffer = 10_000
+    d.pack = False                  # pack several short pairs into one row (segment ids)
+    d.seed = 0
+    d.synthetic_size = 20_000       # with source="synthetic": training pairs generated
+
+    # --- training
+    c.train = t = ml_collections.ConfigDict()
+    t.workdir = "runs/default"
+    t.steps = 100_000
+    t.warmup_steps = 4000
+    t.lr_scale = 1.0                # lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.98
+    t.adam_eps = 1e-9
+    t.weight_decay = 0.0
+    t.grad_clip_norm = 0.0          # 0: no clipping
+    t.grad_accum_steps = 1          # micro-batches per update, to reach the paper's batch on fewer devices
+    t.label_smoothing = 0.1
+    t.seed = 0
+    t.log_every = 100
+    t.eval_every = 1000
+    t.eval_bleu_sentences = 200     # validation sentences decoded for BLEU at each eval (0: none)
+    t.checkpoint_every_steps = 1000
+    t.checkpoint_every_minutes = 0.0  # 0: by steps only
+    t.keep_checkpoints = 5
+    t.average_last = 5              # checkpoints averaged for the final model (paper: 5 base, 20 big)
+    t.async_checkpointing = True
+    t.progress_bar = True
+    t.plot = True                   # write curves.png into the workdir
+
+    # --- decoding
+    c.decode = dc = ml_collections.ConfigDict()
+    dc.beam_size = 4
+    dc.length_penalty = 0.6         # alpha in ((5 + len) / 6) ** alpha
+    dc.max_extra_len = 50           # output at most input length + this
+    dc.batch_size = 64
+    return c
