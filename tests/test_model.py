@@ -1,0 +1,177 @@
+"""The model: paper numbers, masks, cached decoding, dropout and config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer.model import (Transformer, TransformerConfig, count_params, init_cache, init_params,
+                             sinusoidal_positions)
+
+TINY = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=2,
+                         num_decoder_layers=2, max_len=32)
+
+
+def n_params(cfg):
+    return count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Transformer(TINY), init_params(TINY, jax.random.key(0))
+
+
+def test_parameter_counts_match_the_paper():
+    # The paper's Table 3 rounds these to 65M (base) and 213M (big) at a 37k shared vocabulary.
+    base, big = n_params(TransformerConfig.base(37000)), n_params(TransformerConfig.big(37000))
+    assert base == 63_082_496 and round(base / 1e6, 1) == 63.1
+    assert big == 214_245_376 and round(big / 1e6, 1) == 214.2
+
+
+def test_untying_embeddings_adds_one_vocab_matrix_each():
+    cfg = TransformerConfig.base(37000)
+    shared = n_params(cfg)
+    emb = 37000 * 512
+    assert n_params(dataclasses.replace(cfg, tie_output=False)) == shared + emb
+    assert n_params(dataclasses.replace(cfg, share_embeddings=False)) == shared + emb
+    assert n_params(dataclasses.replace(cfg, share_embeddings=False, tie_output=False)) == shared + 2 * emb
+
+
+def test_table3_variants_change_the_counts_as_expected():
+    cfg = TransformerConfig.base(1000)
+    # Row E: learned positions add a max_len x d_model table to each stack.
+    assert n_params(dataclasses.replace(cfg, positional="learned")) == n_params(cfg) + 2 * cfg.max_len * 512
+    # Row B: d_k=16 shrinks the query and key projections (kernels and biases) of the 18 attention blocks.
+    smaller = n_params(dataclasses.replace(cfg, d_k=16))
+    assert n_params(cfg) - smaller == 18 * 2 * (512 * 8 * (64 - 16) + 8 * (64 - 16))
+
+
+def test_sinusoidal_positions_follow_the_formula():
+    table = sinusoidal_positions(50, 16)
+    pos, i = 7, 3
+    np.testing.assert_allclose(table[pos, 2 * i], np.sin(pos / 10000 ** (2 * i / 16)), rtol=1e-6)
+    np.testing.assert_allclose(table[pos, 2 * i + 1], np.cos(pos / 10000 ** (2 * i / 16)), rtol=1e-6)
+    np.testing.assert_array_equal(table[0, 0::2], 0.0)
+    np.testing.assert_array_equal(table[0, 1::2], 1.0)
+
+
+def test_source_padding_does_not_change_outputs(tiny):
+    model, params = tiny
+    src = jnp.array([[5, 6, 7, 3]])
+    padded = jnp.array([[5, 6, 7, 3, 0, 0, 0]])
+    tgt = jnp.array([[2, 9, 10, 11]])
+    np.testing.assert_allclose(model.apply(params, src, tgt), model.apply(params, padded, tgt), atol=1e-5)
+    # Target padding at the end leaves the real target positions unchanged too.
+    tgt_padded = jnp.array([[2, 9, 10, 11, 0, 0]])
+    np.testing.assert_allclose(model.apply(params, src, tgt), model.apply(params, src, tgt_padded)[:, :4],
+                               atol=1e-5)
+
+
+def test_future_target_tokens_do_not_change_earlier_outputs(tiny):
+    model, params = tiny
+    src = jnp.array([[5, 6, 7, 3]])
+    a = model.apply(params, src, jnp.array([[2, 9, 10, 11, 12]]))
+    b = model.apply(params, src, jnp.array([[2, 9, 10, 30, 31]]))
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)
+    assert np.abs(a[:, 3:] - b[:, 3:]).max() > 1e-3
+
+
+def test_cached_decoding_matches_the_full_decoder(tiny):
+    model, params = tiny
+    src = jnp.array([[5, 6, 7, 8, 3, 0], [9, 10, 3, 0, 0, 0]])
+    tgt = jnp.array([[2, 12, 13, 14, 15], [2, 17, 18, 19, 20]])
+    full = model.apply(params, src, tgt)
+    encoded = model.apply(params, src, method=Transformer.encode)
+    cache = init_cache(TINY, batch_size=2, src_len=src.shape[1], max_decode_len=8)
+    steps = []
+    for i in range(tgt.shape[1]):
+        logits, mutated = model.apply({**params, "cache": cache}, encoded if i == 0 else None, src != 0,
+                                      tgt[:, i:i + 1], decode=True, method=Transformer.decode,
+                                      mutable=["cache"])
+        if i == 1:
+            cross_after_first = jax.tree.map(np.asarray, cache["decoder_0"]["cross_attention"])
+        cache = mutated["cache"]
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    # The cross-attention keys/values were computed on the first step and only read afterwards.
+    for name, value in cache["decoder_0"]["cross_attention"].items():
+        np.testing.assert_array_equal(value, cross_after_first[name])
+
+
+def test_jit_apply_matches_eager(tiny):
+    model, params = tiny
+    src, tgt = jnp.array([[5, 6, 3]]), jnp.array([[2, 7, 8]])
+    np.testing.assert_allclose(jax.jit(model.apply)(params, src, tgt), model.apply(params, src, tgt), atol=1e-5)
+
+
+def test_dropout_is_reproducible_and_off_when_deterministic(tiny):
+    model, params = tiny
+    src, tgt = jnp.array([[5, 6, 7, 3]]), jnp.array([[2, 9, 10, 11]])
+    run = lambda seed, det: model.apply(params, src, tgt, deterministic=det,  # noqa: E731
+                                        rngs={"dropout": jax.random.key(seed)})
+    np.testing.assert_array_equal(run(1, False), run(1, False))
+    assert np.abs(run(1, False) - run(2, False)).max() > 1e-3
+    np.testing.assert_array_equal(run(1, True), run(2, True))
+    np.testing.assert_allclose(run(1, True), model.apply(params, src, tgt), atol=1e-6)
+
+
+def test_packed_rows_equal_separate_rows(tiny):
+    model, params = tiny
+    (s1, t1), (s2, t2) = ([5, 6, 3], [2, 9, 10]), ([7, 8, 11, 3], [2, 12])
+    separate = [model.apply(params, jnp.array([s]), jnp.array([t])) for s, t in ((s1, t1), (s2, t2))]
+    src = jnp.array([s1 + s2 + [0]])
+    tgt = jnp.array([t1 + t2 + [0]])
+    packed = model.apply(
+        params, src, tgt,
+        src_segments=jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]]), tgt_segments=jnp.array([[1, 1, 1, 2, 2, 0]]),
+        src_positions=jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]]), tgt_positions=jnp.array([[0, 1, 2, 0, 1, 0]]))
+    np.testing.assert_allclose(packed[:, :3], separate[0], atol=1e-5)
+    np.testing.assert_allclose(packed[:, 3:5], separate[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [dict(norm="pre"), dict(positional="learned"), dict(d_k=4, d_v=12),
+                                     dict(share_embeddings=False, tie_output=False),
+                                     dict(attention_impl="einsum"), dict(attention_impl="xla")])
+def test_variants_run_and_keep_the_masks(changes):
+    cfg = dataclasses.replace(TINY, **changes)
+    model, params = Transformer(cfg), init_params(cfg, jax.random.key(1))
+    src = jnp.array([[5, 6, 7, 3, 0]])
+    a = model.apply(params, src, jnp.array([[2, 9, 10, 11]]))
+    b = model.apply(params, src[:, :4], jnp.array([[2, 9, 10, 30]]))
+    assert a.shape == (1, 4, 40) and a.dtype == jnp.float32
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    src, tgt = jnp.array([[5, 6, 7, 3]]), jnp.array([[2, 9, 10, 11]])
+    low = Transformer(cfg).apply(params, src, tgt)
+    high = Transformer(TINY).apply(params, src, tgt)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, high, atol=0.15)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(d_model=30, num_heads=4), "not divisible by num_heads"),
+    (dict(positional="rotary"), "unknown option 'rotary'"),
+    (dict(norm="sandwich"), "unknown option 'sandwich'"),
+    (dict(dropout_rate=1.5), "dropout_rate"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_bad_config_is_a_clear_error(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **changes)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match="unknown model option.*num_layerz"):
+        TransformerConfig.from_dict({"d_model": 32, "num_layerz": 2}, vocab_size=10)
+
+
+def test_decode_cache_longer_than_positions_is_refused():
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        init_cache(TINY, 1, 4, TINY.max_len + 1)
