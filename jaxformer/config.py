@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.pack = False                  # pack several short pairs into one row (segment ids)
     d.seed = 0
     d.synthetic_size = 20_000       # with source="synthetic": training pairs generated
+    d.synthetic_dir = "runs/synthetic_data"  # ... written here (a subfolder per size and seed), then read as files
 
     # --- training
     c.train = t = ml_collections.ConfigDict()
@@ -71,12 +72,14 @@ def default_config() -> ml_collections.ConfigDict:
     t.adam_eps = 1e-9
     t.weight_decay = 0.0
     t.grad_clip_norm = 0.0          # 0: no clipping
-    t.grad_accum_steps = 1          # micro-batches per update, to reach the paper's batch on fewer devices
+    t.grad_accum_steps = 1          # micro-batches per update, to reach the paper's batch on fewer devices:
+                                    # each is one batch of data.tokens_per_batch (like fairseq's --update-freq)
     t.label_smoothing = 0.1
     t.seed = 0
     t.log_every = 100
     t.eval_every = 1000
     t.eval_bleu_sentences = 200     # validation sentences decoded for BLEU at each eval (0: none)
+    t.bleu_tokenize = "13a"         # sacreBLEU tokenizer of the validation BLEU; "char" where a sentence is one word
     t.checkpoint_every_steps = 1000
     t.checkpoint_every_minutes = 0.0  # 0: by steps only
     t.keep_checkpoints = 5
@@ -84,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.async_checkpointing = True
     t.progress_bar = True
     t.plot = True                   # write curves.png into the workdir
+    t.distributed = "auto"          # jax.distributed.initialize(): "auto" (when launched multi-host), "on", "off"
 
     # --- decoding
     c.decode = dc = ml_collections.ConfigDict()

@@ -5,6 +5,9 @@ import os
 # Must happen before jax is imported anywhere: 4 host "devices" for the data-parallel tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The Hugging Face hub is unreachable here: local files only, never wait on the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pathlib  # noqa: E402
 
@@ -20,3 +23,17 @@ def multi30k_dir() -> pathlib.Path:
     if not (MULTI30K / "train.en").exists():
         pytest.fail(f"Multi30k data not found at {MULTI30K}; the tests expect ../shared beside the checkout")
     return MULTI30K
+
+
+@pytest.fixture(scope="session")
+def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
+    """A small (1000-piece) shared BPE vocabulary, trained once on 4000 Multi30k pairs."""
+    from itertools import islice
+
+    from jaxformer.data import Tokenizer
+
+    sentences = []
+    for lang in ("en", "de"):
+        with open(multi30k_dir / f"train.{lang}", encoding="utf-8") as f:
+            sentences += [line.strip() for line in islice(f, 4000)]
+    return Tokenizer.train(sentences, 1000, str(tmp_path_factory.mktemp("vocab") / "vocab.model"))
