@@ -1,0 +1,174 @@
+"""Data parallelism over every device: one mesh axis, "data".
+
+Parameters and optimizer state are replicated; each batch is split along its first (batch) axis over
+all devices of all processes, and `jit` compiles one program for the whole global batch (XLA inserts the
+gradient all-reduce). Each process feeds only its own rows (`shard_batch`), so the same code runs on one
+CPU, eight GPUs, or a multi-host TPU pod.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+# Environment variables that mean "this process is one of several": set by the user (JAX's own), by
+# SLURM or Open MPI launchers, or present on Cloud TPU pod slices. jax.distributed.initialize() reads
+# them itself; we only decide whether to call it.
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
+_DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def _looks_multihost(environ: Mapping[str, str]) -> bool:
+    if any(environ.get(name) for name in _MULTIHOST_ENV):
+        return True
+    for name in _CLUSTER_SIZE_ENV:
+        try:
+            if int(environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    # Cloud TPU pod slice: more than one worker host listed.
+    return len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None = None) -> bool:
+    """Call `jax.distributed.initialize()` for a multi-host run; returns whether it was called.
+
+    mode "auto" (config `train.distributed`) initialises when the environment says this is one of several
+    processes (JAX_COORDINATOR_ADDRESS, SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1, a TPU pod's
+    TPU_WORKER_HOSTNAMES); "on" always does (JAX then auto-detects the cluster or reads its env vars);
+    "off" never does. Must run before anything touches a device.
+    """
+    if mode not in _DISTRIBUTED_MODES:
+        raise ValueError(f"train.distributed: unknown option {mode!r}; choose one of {', '.join(_DISTRIBUTED_MODES)}")
+    environ = os.environ if environ is None else environ
+    if mode == "off" or (mode == "auto" and not _looks_multihost(environ)):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.distributed.initialize()
+    log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh named "data" over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, scalars)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Rows split over the "data" axis; the other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place a pytree (of host or device arrays) on every device of `mesh`."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def local_devices_in(mesh: Mesh) -> int:
+    """How many of the mesh's devices this process feeds (its share of every global batch)."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows (host numpy) -> global arrays split over the mesh's "data" axis.
+
+    With P processes each holding B rows, the global batch has P*B rows; B must divide evenly over this
+    process's devices in the mesh.
+    """
+    sharding = batch_sharded(mesh)
+    n_local = local_devices_in(mesh)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[0] % n_local:
+            raise ValueError(f"batch field {name!r} has {value.shape[0]} rows, which do not split evenly over "
+                             f"{n_local} local devices; the data pipeline must be built with num_devices={n_local}")
+        global_shape = (value.shape[0] * (mesh.devices.size // n_local),) + value.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int, length: int) -> dict[str, np.ndarray]:
+    """Pad every [B, L] field with zeros (PAD, segment 0) to [rows, length]; padding carries no loss."""
+    out = {}
+    for name, value in batch.items():
+        b, n = value.shape
+        out[name] = value if (b, n) == (rows, length) else np.pad(value, ((0, rows - b), (0, length - n)))
+    return out
+
+
+def global_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+    """Global sharded batches from this process's host batches.
+
+    One process: each batch as is. Several: the processes' batches can differ in shape (each batches its
+    own shard into its own length buckets) and in number (an evaluation split divides unevenly), so before
+    each step they agree, with one small all-gather, on the largest shape; smaller batches are padded to it,
+    and a process whose data has ended contributes all-PAD rows until every process has ended. Padded
+    rows and columns have zero loss weight, so sums over the global batch are unchanged.
+    """
+    iterator = iter(batches)
+    if jax.process_count() == 1:
+        for batch in iterator:
+            yield shard_batch(batch, mesh)
+        return
+    from jax.experimental import multihost_utils
+
+    template = None
+    while True:
+        batch = next(iterator, None)
+        if batch is not None:
+            template = batch
+        rows, length = next(iter(batch.values())).shape if batch is not None else (0, 0)
+        shapes = np.asarray(multihost_utils.process_allgather(np.asarray([rows, length], np.int32)))
+        if not shapes[:, 0].any():
+            return
+        rows, length = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+        if batch is None:
+            if template is None:
+                raise ValueError(f"process {jax.process_index()} got no batches at all while others did; "
+                                 "its data shard is empty")
+            batch = {name: np.zeros((0, 0), value.dtype) for name, value in template.items()}
+        yield shard_batch(pad_batch(batch, rows, length), mesh)
+
+
+def allgather_json(value: Any) -> list:
+    """Every process's JSON-serializable `value`, in process order (e.g. each one's data iterator position)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([encoded.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(gathered, sizes)]
+
+
+def to_local(tree: Any) -> Any:
+    """A replicated pytree as single-device arrays this process can use alone (decoding, averaging)."""
+    def one(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_data(0)
+        return x
+    return jax.tree.map(one, tree)
