@@ -1,0 +1,264 @@
+"""The `jaxformer` command: translate, evaluate, export, plot-attention, average.
+
+    jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
+    jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--data.KEY=VALUE ...] --out DIR
+    jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
+    jaxformer export --workdir RUN [--average-last K] --out DIR [--jax-export]
+    jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
+                             [--layers -1] [--heads 0,1] --out attention.png
+    jaxformer average --workdir RUN --last K --out DIR       (orbax params; see jaxformer.checkpoint)
+
+`--model` takes an export directory or a training workdir (detected by its contents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("jaxformer")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, workdir_only: bool = False) -> None:
+    if workdir_only:
+        p.add_argument("--workdir", required=True, help="the training run directory (has checkpoints/)")
+    else:
+        p.add_argument("--model", "--workdir", dest="model", required=True,
+                       help="an export directory (config.json + params.safetensors) or a training workdir")
+    p.add_argument("--average-last", type=int, default=1, metavar="K",
+                   help="average the parameters of the K newest checkpoints (workdir only; paper: 5 base, 20 big)")
+    p.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (workdir only)")
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search (defaults: the model's decode settings)")
+    g.add_argument("--beam-size", type=int, default=None, help="1 means greedy search (paper: 4)")
+    g.add_argument("--length-penalty", "--alpha", dest="length_penalty", type=float, default=None,
+                   help="alpha in ((5 + len) / 6) ** alpha (paper: 0.6)")
+    g.add_argument("--max-extra-len", type=int, default=None, help="output at most input length + this (paper: 50)")
+    g.add_argument("--batch-size", type=int, default=None, help="sentences per decoding batch")
+
+
+def _decode_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("beam_size", "length_penalty", "max_extra_len", "batch_size")}
+
+
+def _parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:
+    """`--data.key=value` / `--data.key value` -> {key: value}, typed like the default config's value."""
+    out, i = {}, 0
+    prefix = f"--{section}."
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith(prefix):
+            raise SystemExit(f"error: unrecognized argument {arg!r} (overrides look like {prefix}KEY=VALUE)")
+        key, eq, value = arg[len(prefix):].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise SystemExit(f"error: {arg} needs a value")
+            value, i = extra[i + 1], i + 1
+        i += 1
+        if key not in defaults:
+            raise SystemExit(f"error: unknown option {section}.{key}; known: {', '.join(sorted(defaults))}")
+        out[key] = _typed(value, defaults[key], f"{section}.{key}")
+    return out
+
+
+def _typed(value: str, like: Any, name: str) -> Any:
+    try:
+        if isinstance(like, bool):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(like, (tuple, list)):
+            parsed = ast.literal_eval(value if value.strip().startswith(("(", "[")) else f"({value},)")
+            return tuple(parsed)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"error: {name}={value!r} is not a valid {type(like).__name__}") from None
+    return value
+
+
+def _chunks(lines, size: int):
+    chunk = []
+    for line in lines:
+        chunk.append(line.rstrip("\r\n"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _cmd_translate(args) -> int:
+    import contextlib
+
+    from jaxformer.translate import load_translator
+
+    translator = load_translator(args.model, step=args.step, average_last=args.average_last)
+    overrides = _decode_overrides(args)
+    chunk_size = 32 * int(args.batch_size or translator.decode["batch_size"])  # sorted by length within a chunk
+    count = 0
+    with contextlib.ExitStack() as stack:
+        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
+        to_stdout = args.output in (None, "-")
+        sink = sys.stdout if to_stdout else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        for lines in _chunks(source, chunk_size):  # translations appear chunk by chunk, in input order
+            outputs = translator.translate(lines, **overrides)
+            sink.write("".join(o.replace("\n", " ") + "\n" for o in outputs))
+            sink.flush()
+            count += len(outputs)
+    if not to_stdout:
+        log.info("wrote %d translations to %s", count, args.output)
+    return 0
+
+
+def _cmd_evaluate(args, extra: list[str]) -> int:
+    from jaxformer.config import default_config
+    from jaxformer.evaluate import run_evaluation
+
+    data_overrides = _parse_overrides(extra, "data", default_config().data.to_dict())
+    result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
+                            average_last=args.average_last, step=args.step, data_overrides=data_overrides,
+                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize)
+    print(result.text)
+    print(result.signature)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from jaxformer import checkpoint
+    from jaxformer.export import export_model
+
+    model, params, tokenizer = checkpoint.load_model(args.workdir, step=args.step, average_last=args.average_last)
+    config = checkpoint.load_run_config(args.workdir)
+    out = export_model(args.out, model, params, tokenizer, decode=config.decode, data=config.data,
+                       bleu_tokenize=config.train.get("bleu_tokenize"),
+                       jax_export=args.jax_export, jax_export_src_len=args.jax_export_src_len,
+                       jax_export_platforms=args.jax_export_platforms)
+    print(f"exported {out}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from jaxformer.plotting import attention_maps, plot_attention
+    from jaxformer.translate import load_translator
+
+    translator = load_translator(args.model, step=args.step, average_last=args.average_last)
+    maps = attention_maps(translator.model, translator.params, translator.tokenizer, args.sentence,
+                          translation=args.translation, beam_size=args.beam_size or translator.decode["beam_size"],
+                          alpha=translator.decode["length_penalty"])
+    kinds = ("encoder", "decoder", "cross") if args.kind == "all" else tuple(args.kind.split(","))
+    out = plot_attention(maps, args.out, kinds=kinds, layers=args.layers, heads=args.heads)
+    print(f"translation: {maps.translation}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_average(args) -> int:
+    from jaxformer import checkpoint
+
+    argv = ["average", "--workdir", args.workdir, "--last", str(args.last), "--out", args.out]
+    if args.step is not None:
+        argv += ["--step", str(args.step)]
+    return checkpoint.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxformer", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("translate", help="translate lines of text (stdin or a file)")
+    _add_model_args(p)
+    p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
+    p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
+    _add_decode_args(p)
+
+    p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU",
+                       epilog="Data overrides: --data.KEY=VALUE for any data.* config key, e.g. "
+                              "--data.source=files --data.test_files=../shared/data/multi30k/test2016")
+    _add_model_args(p)
+    p.add_argument("--split", default="test", help="which split of the run's data (train/valid/test)")
+    p.add_argument("--src", default=None, help="a source file (one sentence per line) instead of the run's split")
+    p.add_argument("--ref", default=None, help="the reference file aligned with --src")
+    p.add_argument("--out", required=True, help="directory for the hypotheses, bleu.json and bleu.txt")
+    p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    p.add_argument("--tokenize", default=None, help="sacreBLEU tokenizer, e.g. 13a, intl, char (default: the run's train.bleu_tokenize, else 13a)")
+    _add_decode_args(p)
+
+    p = sub.add_parser("export", help="write a self-contained model directory (safetensors + config + vocab)")
+    _add_model_args(p, workdir_only=True)
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--jax-export", action="store_true",
+                   help="also serialize the search (greedy or beam, per the decode settings) with jax.export")
+    p.add_argument("--jax-export-src-len", type=int, default=64, metavar="S",
+                   help="source length (tokens + EOS, PAD-padded) of the jax.export artifact; any batch size")
+    p.add_argument("--jax-export-platforms", type=lambda t: [x for x in t.split(",") if x], default=None,
+                   metavar="P,...", help="platforms to lower for, e.g. cpu,cuda (default: this machine's)")
+
+    p = sub.add_parser("plot-attention", help="heat maps of attention weights for one sentence (PNG)")
+    _add_model_args(p)
+    p.add_argument("--sentence", required=True, help="the source sentence")
+    p.add_argument("--translation", default=None, help="a target sentence to force (default: the model's)")
+    p.add_argument("--kind", default="encoder",
+                   help="encoder (self), decoder (self), cross, comma-separated, or all")
+    p.add_argument("--layers", type=_int_list, default=None, help="layer indices, e.g. 4,5 (-1: last; default)")
+    p.add_argument("--heads", type=_int_list, default=None, help="head indices (default: all)")
+    p.add_argument("--beam-size", type=int, default=None, help="search for the translation (default: the model's)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+
+    p = sub.add_parser("average", help="average the last K checkpoints of a run into an orbax directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--last", type=int, required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "evaluate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "translate":
+            return _cmd_translate(args)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args, extra)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "plot-attention":
+            return _cmd_plot(args)
+        if args.command == "average":
+            return _cmd_average(args)
+    except Exception as e:  # noqa: BLE001 - our loaders' errors speak for themselves; others keep their traceback
+        if isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("jaxformer"):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""A trained model as a self-contained directory, and back in one call.
+
+    out_dir/
+      config.json                  {"format": "jaxformer-export", "version": 1, "model": TransformerConfig,
+                                    "decode": decode settings, "data": languages etc. (optional), "files": ...}
+      params.safetensors           float parameters, keys are the '/'-joined paths of the params tree
+      vocab.model                  the sentencepiece vocabulary
+      translate.jax_export         optional: serialized `jax.export` of the search of the decode settings
+                                   (greedy if beam_size is 1, else beam search with their beam size and
+                                   alpha), for any batch size and a fixed source length S:
+                                   f({"params": ...}, src int32 [B, S]) -> tokens int32 [B, L]
+
+`load(out_dir)` gives `(model, params, tokenizer)`, ready for `model.apply(params, src, tgt_in)`,
+`jaxformer.decode` and `jaxformer.translate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxformer.model import Transformer, TransformerConfig
+
+__all__ = ["export_model", "load", "load_export_config", "load_jax_export", "is_export_dir", "has_jax_export_support",
+           "CONFIG_FILE", "PARAMS_FILE", "VOCAB_FILE", "JAX_EXPORT_FILE", "FORMAT"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "jaxformer-export"
+VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+VOCAB_FILE = "vocab.model"
+JAX_EXPORT_FILE = "translate.jax_export"
+
+
+class ExportError(ValueError):
+    """An export directory is missing, incomplete or of another format."""
+
+
+def _plain(value):
+    """ConfigDict / tuples / numpy scalars -> JSON-able values."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _default_decode() -> dict:
+    from jaxformer.config import default_config
+    return default_config().decode.to_dict()
+
+
+def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer, *, jax_export: bool = False,
+                 decode: Mapping | None = None, data: Mapping | None = None, bleu_tokenize: str | None = None,
+                 jax_export_src_len: int = 64, jax_export_platforms: Sequence[str] | None = None,
+                 ) -> pathlib.Path:
+    """Write `out_dir` (created if needed; existing export files are replaced).
+
+    `decode` (e.g. `config.decode`) becomes the directory's default search settings; `data` (e.g.
+    `config.data`) and `bleu_tokenize` (`config.train.bleu_tokenize`) are kept for `jaxformer evaluate`. With `jax_export=True` a
+    `jax.export` artifact of the decode settings' search is written too, for sources padded to
+    `jax_export_src_len` (any batch size), lowered for `jax_export_platforms` (default: the current
+    backend; e.g. ("cpu", "cuda") for both).
+    """
+    from safetensors.numpy import save_file
+
+    config = model_or_config.config if isinstance(model_or_config, Transformer) else model_or_config
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"model_or_config must be a Transformer or TransformerConfig, got {type(config).__name__}")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                          f"{config.vocab_size}: they do not belong together")
+    if jax_export and not has_jax_export_support():
+        raise ExportError("jax_export=True needs the 'flatbuffers' package (jax.export serializes with it): "
+                          "pip install flatbuffers")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tree = params["params"] if "params" in params else params
+    flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+    arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
+    save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    tokenizer.save(str(out / VOCAB_FILE))
+
+    decode_settings = _default_decode()
+    decode_settings.update(_plain(decode or {}))
+    meta: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "model": config.to_dict(), "decode": decode_settings,
+        "files": {"params": PARAMS_FILE, "vocab": VOCAB_FILE},
+    }
+    if data is not None:
+        meta["data"] = _plain(data)
+    if bleu_tokenize:
+        meta["bleu_tokenize"] = str(bleu_tokenize)
+    if jax_export:
+        meta["jax_export"] = _write_jax_export(out, config, {"params": tree}, decode_settings,
+                                               int(jax_export_src_len), jax_export_platforms)
+        meta["files"]["jax_export"] = JAX_EXPORT_FILE
+    tmp = out / f"{CONFIG_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)
+    log.info("exported %s (%d parameter arrays)", out, len(arrays))
+    return out
+
+
+def has_jax_export_support() -> bool:
+    """Whether `jax.export` artifacts can be (de)serialized here (they need the flatbuffers package)."""
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, decode_settings, src_len: int,
+                      platforms):
+    from jaxformer import decode as decode_lib
+
+    if not 1 <= src_len <= config.max_len:
+        raise ExportError(f"jax_export_src_len={src_len} must be between 1 and the model's max_len={config.max_len}")
+    model = Transformer(config)
+    max_extra_len = int(decode_settings["max_extra_len"])
+    beam_size, alpha = int(decode_settings["beam_size"]), float(decode_settings["length_penalty"])
+    buffer_len = decode_lib.decode_buffer_len(src_len, config, max_extra_len=max_extra_len)
+    if beam_size == 1:
+        search = {"function": "greedy_search"}
+        fn = jax.jit(lambda v, src: decode_lib._greedy(model, buffer_len, max_extra_len, v, src))
+    else:
+        search = {"function": "beam_search", "beam_size": beam_size, "alpha": alpha}
+        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src, alpha)[0])
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), variables)
+    batch, = jax.export.symbolic_shape("batch")
+    kwargs = {"platforms": tuple(platforms)} if platforms else {}
+    exported = jax.export.export(fn, **kwargs)(specs, jax.ShapeDtypeStruct((batch, src_len), jnp.int32))
+    (out / JAX_EXPORT_FILE).write_bytes(exported.serialize())
+    return {**search, "src_shape": ["batch", src_len], "output_shape": ["batch", buffer_len],
+            "max_extra_len": max_extra_len, "platforms": list(exported.platforms),
+            "call": "jaxformer.export.load_jax_export(dir)({'params': params}, src) -> tokens"}
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    path = pathlib.Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_FILE).is_file()
+
+
+def load_export_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of an export directory (checked to be one)."""
+    path = pathlib.Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ExportError(f"{path} is not an exported model: {CONFIG_FILE} is missing "
+                          f"(write one with `jaxformer export --workdir RUN --out {path}`)")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{config_file} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise ExportError(f"{config_file} is not a jaxformer export (format {meta.get('format')!r}); "
+                          f"a training workdir is loaded with jaxformer.checkpoint.load_model")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ExportError(f"{config_file} has export version {meta['version']}; this jaxformer reads up to {VERSION}")
+    return meta
+
+
+def load(path: str | os.PathLike):
+    """(model, params, tokenizer) from an export directory; params is {"params": ...} of float arrays."""
+    from safetensors.numpy import load_file
+
+    from jaxformer.data import Tokenizer
+
+    path = pathlib.Path(path)
+    meta = load_export_config(path)
+    files = meta.get("files", {})
+    params_file, vocab_file = path / files.get("params", PARAMS_FILE), path / files.get("vocab", VOCAB_FILE)
+    for f in (params_file, vocab_file):
+        if not f.is_file():
+            raise ExportError(f"{f} is missing: the export directory {path} is incomplete")
+    config = TransformerConfig.from_dict(meta["model"])
+    tokenizer = Tokenizer.load(str(vocab_file))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ExportError(f"{vocab_file} has {tokenizer.vocab_size} pieces but the model expects "
+                          f"{config.vocab_size}")
+    flat = load_file(str(params_file))
+    tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    _check_params(config, tree, params_file)
+    return Transformer(config), {"params": tree}, tokenizer
+
+
+def _check_params(config: TransformerConfig, tree, params_file) -> None:
+    from jaxformer.model import init_params
+
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
+    got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+    if want != got:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:5]
+        raise ExportError(f"{params_file} does not match the model in its config.json: missing {missing}, "
+                          f"unexpected {extra}, wrong shape {wrong}")
+
+
+def load_jax_export(path: str | os.PathLike):
+    """The serialized search function of an export directory: f({"params": ...}, src [B, S]) -> tokens [B, L].
+
+    S is fixed at export time (see config.json's "jax_export"); pad sources (tokens + EOS) with PAD to it."""
+    path = pathlib.Path(path)
+    artifact = path / JAX_EXPORT_FILE
+    if not artifact.is_file():
+        raise ExportError(f"{artifact} is missing: export with jax_export=True (`jaxformer export --jax-export`)")
+    exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+    return exported.call

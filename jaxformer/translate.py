@@ -1,0 +1,207 @@
+"""Text in, text out: batching, bucketing and detokenization around `jaxformer.decode`.
+
+    from jaxformer.translate import Translator, translate
+    translator = Translator.load("runs/multi30k")          # a training workdir or an export directory
+    translate(translator, ["A man rides a horse."])       # -> ["Ein Mann reitet ein Pferd."]
+    translator("A dog runs.", beam_size=1)                # one string in, one string out
+
+Sentences are sorted by length and decoded in batches of `decode.batch_size` rows whose source length
+is rounded up to one of `SOURCE_BUCKETS` (and whose row count is padded to a power of two below the
+batch size), so `jit` compiles a handful of shapes however many sentences come; the output keeps the
+input order. A source longer than the model's `max_len - 1` tokens is truncated (with a warning) so
+that it and its EOS fit the model's positions; an empty (or blank) sentence translates to "" without
+running the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxformer.data import EOS_ID, PAD_ID
+from jaxformer.model import Transformer
+
+__all__ = ["Translator", "translate", "translate_texts", "translate_ids", "load_translator", "decode_settings",
+           "SOURCE_BUCKETS"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+_DECODE_KEYS = ("beam_size", "length_penalty", "max_extra_len", "batch_size")
+
+
+def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:
+    """The decode section's defaults, updated by `decode_cfg` (a ConfigDict or dict), then by non-None overrides."""
+    from jaxformer.config import default_config
+
+    settings = default_config().decode.to_dict()
+    if decode_cfg is not None:
+        items = decode_cfg.to_dict() if hasattr(decode_cfg, "to_dict") else dict(decode_cfg)
+        settings.update(items)
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise TypeError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(settings))}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("beam_size", "batch_size"):
+        if int(settings[key]) < 1:
+            raise ValueError(f"decode.{key} must be >= 1, got {settings[key]}")
+    if int(settings["max_extra_len"]) < 0:
+        raise ValueError(f"decode.max_extra_len must be >= 0, got {settings['max_extra_len']}")
+    return settings
+
+
+def _bucket(length: int, cap: int) -> int:
+    for b in SOURCE_BUCKETS:
+        if b >= length:
+            return min(b, cap)
+    return cap
+
+
+def _rows(n: int, batch_size: int) -> int:
+    """Rows of a batch holding n sentences: the batch size, or the next power of two below it."""
+    if n >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+
+
+def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], decode_cfg: Mapping | None = None,
+                  **overrides) -> list[list[int]]:
+    """Token-level translation: source ids (without EOS) -> output ids (without EOS/PAD), input order kept.
+
+    Sources longer than the model's max_len - 1 are truncated with a logged warning; an empty source gives [].
+    """
+    from jaxformer import decode as decode_lib
+
+    settings = decode_settings(decode_cfg, **overrides)
+    config = model.config
+    limit = config.max_len - 1
+    sources = []
+    for i, ids in enumerate(src_ids):
+        ids = [int(t) for t in ids]
+        if len(ids) > limit:
+            log.warning("sentence %d has %d tokens, more than the model's max_len - 1 = %d; translating only "
+                        "its first %d tokens", i, len(ids), limit, limit)
+            ids = ids[:limit]
+        sources.append(ids)
+    outputs: list[list[int]] = [[] for _ in sources]
+    todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
+    batch_size, beam_size = int(settings["batch_size"]), int(settings["beam_size"])
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
+        src = np.full((_rows(len(chunk), batch_size), src_len), PAD_ID, np.int32)  # filler rows stay all-PAD
+        for row, i in enumerate(chunk):
+            src[row, :len(sources[i])] = sources[i]
+            src[row, len(sources[i])] = EOS_ID
+        if beam_size == 1:
+            tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
+        else:
+            tokens, _ = decode_lib.beam_search(model, params, src, beam_size=beam_size,
+                                               alpha=float(settings["length_penalty"]),
+                                               max_extra_len=int(settings["max_extra_len"]))
+        tokens = np.asarray(tokens)
+        for row, i in enumerate(chunk):
+            seq = tokens[row].tolist()
+            if EOS_ID in seq:
+                seq = seq[:seq.index(EOS_ID)]
+            outputs[i] = [t for t in seq if t != PAD_ID]
+    return outputs
+
+
+def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[str],
+                    decode_cfg: Mapping | None = None, **overrides) -> list[str]:
+    """Detokenized translations of `sentences`, in their order. `decode_cfg` is `config.decode`
+    (beam_size, length_penalty, max_extra_len, batch_size); beam_size 1 means greedy search."""
+    if isinstance(sentences, str):
+        raise TypeError("translate_texts takes a list of sentences; wrap a single one in a list")
+    sentences = list(sentences)
+    if not sentences:
+        return []
+    blank = [not s.strip() for s in sentences]
+    ids = tokenizer.encode([s if not b else "" for s, b in zip(sentences, blank)])
+    ids = [[] if b else seq for seq, b in zip(ids, blank)]
+    out_ids = translate_ids(model, params, ids, decode_cfg, **overrides)
+    texts = tokenizer.decode(out_ids) if out_ids else []
+    return ["" if b else t for t, b in zip(texts, blank)]
+
+
+@dataclasses.dataclass
+class Translator:
+    """A loaded model bundle: the model, its parameters, its vocabulary and default decode settings.
+
+    Unpacks like the `(model, params, tokenizer)` triple of `jaxformer.export.load`. Call it (or
+    `.translate`) with a list of sentences, or with one sentence to get one string back.
+    """
+
+    model: Transformer
+    params: Any
+    tokenizer: Any
+    decode: dict = dataclasses.field(default_factory=decode_settings)
+    source: str | None = None  # where it was loaded from
+
+    def __post_init__(self):
+        self.decode = decode_settings(self.decode)
+
+    def __iter__(self):
+        return iter((self.model, self.params, self.tokenizer))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, step: int | None = None, average_last: int = 1) -> "Translator":
+        return load_translator(path, step=step, average_last=average_last)
+
+    def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
+                  length_penalty: float | None = None, max_extra_len: int | None = None,
+                  batch_size: int | None = None) -> str | list[str]:
+        single = isinstance(sentences, str)
+        out = translate_texts(self.model, self.params, self.tokenizer, [sentences] if single else sentences,
+                              self.decode, beam_size=beam_size, length_penalty=length_penalty,
+                              max_extra_len=max_extra_len, batch_size=batch_size)
+        return out[0] if single else out
+
+    __call__ = translate
+
+
+def load_translator(path: str | os.PathLike, *, step: int | None = None, average_last: int = 1) -> Translator:
+    """Load an export directory (config.json + params.safetensors) or a training workdir (checkpoints/)."""
+    from jaxformer import export
+
+    path = pathlib.Path(path)
+    if export.is_export_dir(path):
+        if step is not None or average_last != 1:
+            raise ValueError(f"{path} is an exported model (one set of parameters): --step/--average-last apply "
+                             f"only to a training workdir")
+        model, params, tokenizer = export.load(path)
+        return Translator(model, params, tokenizer, export.load_export_config(path).get("decode", {}), str(path))
+    if (path / "checkpoints").is_dir():
+        from jaxformer import checkpoint
+
+        model, params, tokenizer = checkpoint.load_model(path, step=step, average_last=average_last)
+        decode = checkpoint.load_run_config(path).decode.to_dict()
+        return Translator(model, params, tokenizer, decode, str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give an export directory or a training workdir")
+    raise FileNotFoundError(f"{path} is neither an exported model (config.json + params.safetensors) nor a "
+                            f"training workdir (checkpoints/)")
+
+
+def _as_translator(bundle) -> Translator:
+    if isinstance(bundle, Translator):
+        return bundle
+    if isinstance(bundle, (str, os.PathLike)):
+        return load_translator(bundle)
+    if isinstance(bundle, (tuple, list)) and len(bundle) == 3:
+        return Translator(*bundle)
+    raise TypeError("expected a Translator, a (model, params, tokenizer) triple, or the path of an exported "
+                    f"model or training workdir; got {type(bundle).__name__}")
+
+
+def translate(model, sentences: str | Sequence[str], **kw) -> str | list[str]:
+    """Translate with a loaded bundle: a `Translator`, a `(model, params, tokenizer)` triple (as
+    `jaxformer.export.load` and `jaxformer.checkpoint.load_model` return), or a path to load from.
+    Keyword options: beam_size, length_penalty, max_extra_len, batch_size."""
+    return _as_translator(model).translate(sentences, **kw)

@@ -1,0 +1,352 @@
+"""Greedy and beam search: beam 1 = greedy, beam >= greedy, length penalty, length limits, EOS and padding,
+cross-attention keys/values computed once per sentence.
+
+Three tiny models: a random one (never says EOS), a "constant" one whose next-token distribution is fixed
+by hand (so the right answer is known in closed form), and one trained for a few seconds to copy its input
+(`trained_copy_model`, shared with test_export.py) so searches produce real EOS decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jaxformer import decode
+from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from jaxformer.decode import beam_search, greedy_search, length_penalty, score_sequences
+from jaxformer.model import MultiHeadAttention, Transformer, TransformerConfig, init_cache, init_params
+
+RANDOM_CFG = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
+                               num_decoder_layers=2, max_len=40, dropout_rate=0.0)
+COPY_MAX_TOKENS = 12
+EXTRA = 6  # max_extra_len used throughout: the tests share few shapes, so few compilations
+
+
+# ----------------------------------------------------------------------------- models
+
+_WORDS_RNG = np.random.default_rng(0)
+WORDS = ["".join(_WORDS_RNG.choice(list("abcdefgh"), _WORDS_RNG.integers(1, 4))) for _ in range(30)]
+
+
+def made_up_sentences(n: int, seed: int, max_words: int = 5) -> list[str]:
+    """Sentences of 1..max_words made-up words (the copy model's "language")."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(1, max_words + 1))) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def copy_tokenizer() -> Tokenizer:
+    """A 48-piece vocabulary over made-up words of the letters a-h."""
+    return Tokenizer.train(made_up_sentences(500, seed=0), 48,
+                           tempfile.mkdtemp(prefix="jaxformer-test-vocab-") + "/vocab.model")
+
+
+def copy_batch(rng, vocab_size, batch=64, max_tokens=COPY_MAX_TOKENS):
+    """Random sources (tokens + EOS) and their copies as targets."""
+    n = rng.integers(1, max_tokens + 1, batch)
+    width = max_tokens + 1
+    pos = np.arange(width)[None]
+    src = np.where(pos < n[:, None], rng.integers(4, vocab_size, (batch, width)), PAD_ID)
+    src[np.arange(batch), n] = EOS_ID
+    tgt_in = np.concatenate([np.full((batch, 1), BOS_ID), src[:, :-1]], axis=1)
+    tgt_in = np.where(src == PAD_ID, PAD_ID, tgt_in)
+    return src.astype(np.int32), tgt_in.astype(np.int32), src.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_copy_model(steps: int = 500):
+    """(model, params, tokenizer): a 1+1-layer d_model=64 Transformer trained (~10 s) to copy its input."""
+    tokenizer = copy_tokenizer()
+    cfg = TransformerConfig(vocab_size=tokenizer.vocab_size, d_model=64, d_ff=128, num_heads=4,
+                            num_encoder_layers=1, num_decoder_layers=1, max_len=64, dropout_rate=0.0)
+    model = Transformer(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 5e-3, 30, steps))
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, src, tgt_in, tgt_out):
+        def loss_fn(p):
+            logits = model.apply(p, src, tgt_in)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, tgt_out)
+            weights = tgt_out != PAD_ID
+            return jnp.sum(losses * weights) / jnp.sum(weights)
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        params, opt_state = step(params, opt_state, *copy_batch(rng, cfg.vocab_size))
+    return model, params, tokenizer
+
+
+def constant_model(logit_values: dict[int, float], default: float = -4.0):
+    """A model whose next-token logits are the same at every step, whatever the input."""
+    cfg = TransformerConfig(vocab_size=16, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, max_len=40, dropout_rate=0.0, tie_output=False)
+    params = jax.tree.map(np.array, init_params(cfg, jax.random.key(1)))
+    norm = params["params"]["decoder_0"]["ffn_block"]["norm"]  # the last op before the output projection
+    norm["scale"][:] = 0.0
+    norm["bias"][:] = 0.0
+    norm["bias"][0] = 1.0  # the decoder output is the constant e_0 ...
+    kernel = params["params"]["output_projection"]["kernel"]
+    kernel[0, :] = default  # ... so the logits are row 0 of the output projection
+    for token, value in logit_values.items():
+        kernel[0, token] = value
+    log_probs = jax.nn.log_softmax(jnp.asarray(
+        [v if i not in (PAD_ID, BOS_ID) else -1e9 for i, v in enumerate(kernel[0])]))
+    return Transformer(cfg), params, np.asarray(log_probs)
+
+
+def sources(lengths, width, vocab_size, seed=0):
+    """Rows of `n` random tokens + EOS, PAD-padded to `width`."""
+    rng = np.random.default_rng(seed)
+    src = np.full((len(lengths), width), PAD_ID, np.int32)
+    for row, n in enumerate(lengths):
+        src[row, :n] = rng.integers(4, vocab_size, n)
+        src[row, n] = EOS_ID
+    return src
+
+
+def lengths_of(tokens):
+    """Hypothesis lengths counting EOS (everything before the PAD tail)."""
+    return (np.asarray(tokens) != PAD_ID).sum(axis=1)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return Transformer(RANDOM_CFG), init_params(RANDOM_CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def random_src():
+    src = sources([3, 5, 1, 8, 0, 6], 9, RANDOM_CFG.vocab_size)
+    src[4] = PAD_ID  # an all-PAD filler row, as translate pads batches with
+    return src
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    return trained_copy_model()
+
+
+@pytest.fixture(scope="module")
+def copy_src(copy_model):
+    model, _, _ = copy_model
+    return sources([1, 4, 7, 12, 3, 9, 12, 5], 16, model.config.vocab_size, seed=1)
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_length_penalty_is_gnmt_formula():
+    assert length_penalty(1, 0.6) == pytest.approx(1.0)
+    assert length_penalty(7, 0.6) == pytest.approx(2.0 ** 0.6)
+    assert length_penalty(20, 0.0) == 1.0
+    np.testing.assert_allclose(length_penalty(np.array([1.0, 13.0]), 1.0), [1.0, 3.0])
+
+
+def test_trained_model_copies_with_greedy_and_beam(copy_model, copy_src):
+    model, params, _ = copy_model
+    expected_len = lengths_of(copy_src)
+    for tokens in (greedy_search(model, params, copy_src, max_extra_len=EXTRA),
+                   beam_search(model, params, copy_src, max_extra_len=EXTRA)[0]):
+        tokens = np.asarray(tokens)
+        copied = [(tokens[row, :n] == copy_src[row, :n]).all() and (tokens[row, n:] == PAD_ID).all()
+                  for row, n in enumerate(expected_len)]  # the copy, its EOS, then padding
+        assert sum(copied) >= len(copied) - 1, tokens
+
+
+@pytest.mark.parametrize("which", ["random", "copy"])
+def test_beam_size_1_with_alpha_0_equals_greedy(which, random_model, random_src, copy_model, copy_src):
+    if which == "random":
+        (model, params), src = random_model, random_src
+    else:
+        (model, params, _), src = copy_model, copy_src
+    greedy = np.asarray(greedy_search(model, params, src, max_extra_len=EXTRA))
+    beam, scores = beam_search(model, params, src, beam_size=1, alpha=0.0, max_extra_len=EXTRA)
+    np.testing.assert_array_equal(np.asarray(beam), greedy)
+    np.testing.assert_allclose(scores, score_sequences(model, params, src, greedy, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_beam_size_1_never_scores_below_greedy_with_length_penalty(copy_model, copy_src):
+    model, params, _ = copy_model
+    greedy = greedy_search(model, params, copy_src, max_extra_len=EXTRA)
+    beam, scores = beam_search(model, params, copy_src, beam_size=1, alpha=0.6, max_extra_len=EXTRA)
+    greedy_scores = np.asarray(score_sequences(model, params, copy_src, greedy, 0.6))
+    assert (np.asarray(scores) >= greedy_scores - 1e-5).all()
+    # A single beam differs from greedy only by finding a strictly better (longer) hypothesis after greedy's EOS.
+    differs = (np.asarray(beam) != np.asarray(greedy)).any(axis=1)
+    assert (np.asarray(scores)[differs] > greedy_scores[differs]).all()
+    assert differs.sum() <= 1  # and a confident model mostly makes the same choice
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_beam_best_score_is_not_below_greedy_and_matches_rescoring(alpha, copy_model, copy_src, random_model,
+                                                                   random_src):
+    for (model, params), src in ((copy_model[:2], copy_src), (random_model, random_src)):
+        greedy = greedy_search(model, params, src, max_extra_len=EXTRA)
+        tokens, scores = beam_search(model, params, src, beam_size=4, alpha=alpha, max_extra_len=EXTRA)
+        greedy_scores = np.asarray(score_sequences(model, params, src, greedy, alpha))
+        assert (np.asarray(scores) >= greedy_scores - 1e-5).all(), (scores, greedy_scores)
+        # The reported score is the full decoder's length-penalised log-prob of the returned tokens.
+        np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, alpha), rtol=1e-4, atol=1e-4)
+
+
+def test_max_length_is_input_length_plus_extra_and_capped(random_model, random_src):
+    model, params = random_model  # an untrained model never picks EOS here: every row runs to its limit
+    src = random_src
+    limits = np.array([4, 6, 2, 9, 1, 7]) + EXTRA  # tokens + EOS + max_extra_len
+    limits[4] = 1  # the all-PAD filler row stops at once
+    greedy = np.asarray(greedy_search(model, params, src, max_extra_len=EXTRA))
+    beam, _ = beam_search(model, params, src, beam_size=4, max_extra_len=EXTRA)
+    for tokens in (greedy, np.asarray(beam)):
+        assert tokens.shape == (6, 9 + EXTRA)
+        assert (tokens != EOS_ID).all()
+        np.testing.assert_array_equal(lengths_of(tokens), limits)
+    # max_len caps below that; the model's own max_len (40) caps the buffer.
+    np.testing.assert_array_equal(lengths_of(greedy_search(model, params, src, max_len=7, max_extra_len=EXTRA)),
+                                  np.minimum(limits, 7))
+    assert greedy_search(model, params, src, max_extra_len=100).shape == (6, RANDOM_CFG.max_len)
+
+
+def test_a_beam_reaching_the_limit_without_eos_is_finished_there():
+    model, params, log_probs = constant_model({5: 2.0, 6: 1.0, EOS_ID: -8.0})
+    src = sources([2, 4], 8, 16)
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
+    tokens = np.asarray(tokens)
+    for row, limit in enumerate([3 + EXTRA, 5 + EXTRA]):
+        np.testing.assert_array_equal(tokens[row, :limit], 5)
+        assert (tokens[row, limit:] == PAD_ID).all()
+        assert scores[row] == pytest.approx(limit * log_probs[5] / length_penalty(limit, 0.6), rel=1e-5)
+
+
+def test_eos_first_gives_an_empty_padded_hypothesis():
+    model, params, log_probs = constant_model({EOS_ID: 6.0, 5: 1.0})
+    src = sources([3, 6], 8, 16)
+    greedy = np.asarray(greedy_search(model, params, src, max_extra_len=EXTRA))
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
+    for out in (greedy, np.asarray(tokens)):
+        np.testing.assert_array_equal(out[:, 0], EOS_ID)
+        assert (out[:, 1:] == PAD_ID).all()
+    np.testing.assert_allclose(scores, log_probs[EOS_ID], rtol=1e-6)  # length 1: penalty 1
+
+
+def test_length_penalty_alpha_moves_the_chosen_length():
+    # EOS is the second-best token at every step: with alpha=0 the shortest hypothesis wins, with a large
+    # alpha the penalty outgrows the falling log-prob and the longest (the length limit) wins.
+    model, params, log_probs = constant_model({5: 1.0, EOS_ID: 0.5})
+    src = sources([3, 6], 8, 16)
+    limits = np.array([4, 7]) + EXTRA
+    short, short_scores = beam_search(model, params, src, alpha=0.0, max_extra_len=EXTRA)
+    long, long_scores = beam_search(model, params, src, alpha=3.0, max_extra_len=EXTRA)
+    np.testing.assert_array_equal(lengths_of(short), 1)
+    np.testing.assert_allclose(short_scores, log_probs[EOS_ID], rtol=1e-6)
+    np.testing.assert_array_equal(lengths_of(long), limits)
+    # ... and in between, the chosen length is the argmax of the closed-form score over lengths.
+    for alpha in (0.6, 1.0, 1.3):
+        tokens, _ = beam_search(model, params, src, alpha=alpha, max_extra_len=EXTRA)
+        for row, limit in enumerate(limits):
+            by_length = [((n - 1) * log_probs[5] + log_probs[EOS_ID]) / length_penalty(n, alpha)
+                         for n in range(1, limit)] + [limit * log_probs[5] / length_penalty(limit, alpha)]
+            assert lengths_of(tokens)[row] == int(np.argmax(by_length)) + 1, alpha
+
+
+def test_finished_hypotheses_have_one_eos_then_padding(copy_model):
+    model, params, _ = copy_model
+    src = sources([2, 11, 6, 1, 12, 4, 8, 10], 16, model.config.vocab_size, seed=3)
+    for alpha in (0.0, 0.6, 2.0):
+        tokens, _ = beam_search(model, params, src, beam_size=4, alpha=alpha, max_extra_len=EXTRA)
+        tokens = np.asarray(tokens)
+        for row in tokens:
+            eos = np.flatnonzero(row == EOS_ID)
+            assert len(eos) == 1
+            assert (row[:eos[0]] != PAD_ID).all() and (row[eos[0] + 1:] == PAD_ID).all()
+
+
+def test_padding_rows_and_columns_do_not_change_results(copy_model, copy_src):
+    model, params, _ = copy_model
+    alone = np.asarray(beam_search(model, params, copy_src, max_extra_len=EXTRA)[0])[[0, 3]]
+    wide = np.zeros((4, 24), np.int32)
+    wide[0, :16], wide[2, :16] = copy_src[0], copy_src[3]  # rows 1 and 3 are all-PAD fillers
+    together = np.asarray(beam_search(model, params, wide, max_extra_len=EXTRA)[0])
+    for single, row in zip(alone, (0, 2)):
+        n = lengths_of(single[None])[0]
+        np.testing.assert_array_equal(together[row, :n], single[:n])
+        assert (together[row, n:] == PAD_ID).all()
+
+
+def test_cross_attention_keys_and_values_are_computed_once_per_sentence(monkeypatch, random_model):
+    model, params = random_model
+    src = jnp.asarray(sources([3, 5], 7, RANDOM_CFG.vocab_size))
+    projected = []  # input shapes of the cross-attention key/value projections, at trace time
+
+    def spy(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name == "__call__" and module.name in ("key", "value")
+                and isinstance(module.parent, MultiHeadAttention) and module.parent.kind == "cross"):
+            projected.append(tuple(args[0].shape))
+        return next_fun(*args, **kwargs)
+
+    empty = {2: init_cache(RANDOM_CFG, 2, 7, 12)}
+    monkeypatch.setattr(decode, "init_cache", lambda cfg, batch, s, L: empty[batch])  # keep init out of the count
+    with nn.intercept_methods(spy):
+        jax.make_jaxpr(lambda p, s: decode._greedy(model, 12, 5, p, s))(params, src)
+    assert projected == [(2, 7, 32)] * 2 * RANDOM_CFG.num_decoder_layers  # key + value per layer, one step
+    projected.clear()
+    with nn.intercept_methods(spy):  # beam 4: still once per sentence (2 rows), not per beam (8 rows)
+        jax.make_jaxpr(lambda p, s: decode._beam(model, 4, 12, 5, p, s, 0.6))(params, src)
+    assert projected == [(2, 7, 32)] * 2 * RANDOM_CFG.num_decoder_layers
+
+
+def test_cached_cross_attention_is_read_not_rewritten(random_model):
+    model, params = random_model
+    src = jnp.asarray(sources([3, 5], 7, RANDOM_CFG.vocab_size))
+    encoded = model.apply(params, src, method=Transformer.encode)
+    step = jax.jit(functools.partial(decode._decode_step, model))
+    cache = init_cache(RANDOM_CFG, 2, 7, 6)
+    _, cache = step(params, cache, encoded, src != PAD_ID, jnp.full((2,), BOS_ID))
+    first = cache["decoder_0"]["cross_attention"]
+    for token in (7, 8, 9):
+        _, cache = step(params, cache, None, src != PAD_ID, jnp.full((2,), token))
+    for name in ("cross_key", "cross_value"):
+        np.testing.assert_array_equal(cache["decoder_0"]["cross_attention"][name], first[name])
+        assert np.abs(first[name]).sum() > 0
+
+
+def test_compiled_searches_are_reused_for_the_same_shapes(random_model, random_src):
+    model, params = random_model
+    beam_search(model, params, random_src, alpha=0.6, max_extra_len=EXTRA)
+    before = decode._compiled_beam.cache_info()
+    for alpha in (0.6, 0.9):  # alpha is traced: no new compilation
+        beam_search(model, params, random_src[::-1], alpha=alpha, max_extra_len=EXTRA)
+    after = decode._compiled_beam.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 2
+
+
+def test_bad_arguments_say_what_is_wrong(random_model):
+    model, params = random_model
+    src = sources([3], 5, RANDOM_CFG.vocab_size)
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(model, params, src, beam_size=0)
+    with pytest.raises(ValueError, match="room for EOS"):
+        greedy_search(model, params, src, max_len=0)
+    with pytest.raises(TypeError, match="Transformer"):
+        greedy_search("not a model", params, src)
+
+
+def test_score_sequences_counts_eos_and_ignores_padding(copy_model, copy_src):
+    model, params, _ = copy_model
+    tokens = np.asarray(greedy_search(model, params, copy_src, max_extra_len=EXTRA))
+    raw = np.asarray(score_sequences(model, params, copy_src, tokens, 0.0))
+    penalised = np.asarray(score_sequences(model, params, copy_src, tokens, 0.6))
+    np.testing.assert_allclose(penalised, raw / length_penalty(lengths_of(tokens), 0.6), rtol=1e-5)
+    assert (raw <= 0).all() and math.isfinite(raw.sum())

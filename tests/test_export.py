@@ -1,0 +1,249 @@
+"""Export and load, translate (library and CLI), sacreBLEU evaluation, attention plots.
+
+Uses the tiny copy model of test_decode.py (trained once per session, in seconds), whose "translation"
+of a sentence of made-up words is the sentence itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxformer import cli, decode, export, translate as translate_lib
+from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.evaluate import corpus_bleu, evaluate_texts
+from jaxformer.translate import Translator, translate, translate_texts
+from test_decode import made_up_sentences, trained_copy_model
+
+SENTENCES = made_up_sentences(6, seed=11)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return trained_copy_model()
+
+
+@pytest.fixture(scope="module")
+def exported(bundle, tmp_path_factory):
+    model, params, tokenizer = bundle
+    out = tmp_path_factory.mktemp("export") / "model"
+    export.export_model(out, model, params, tokenizer, decode={"beam_size": 4, "batch_size": 8},
+                        data={"src_lang": "xx", "tgt_lang": "xx"}, jax_export=export.has_jax_export_support(),
+                        jax_export_src_len=16)
+    return out
+
+
+needs_flatbuffers = pytest.mark.skipif(not export.has_jax_export_support(),
+                                       reason="jax.export serialization needs the flatbuffers package")
+
+
+def test_export_writes_a_self_contained_directory(exported, bundle):
+    model, params, _ = bundle
+    files = {"config.json", "params.safetensors", "vocab.model"}
+    if export.has_jax_export_support():
+        files.add("translate.jax_export")
+    assert {p.name for p in exported.iterdir()} == files
+    meta = json.loads((exported / "config.json").read_text())
+    assert meta["model"] == model.config.to_dict()
+    assert meta["decode"] == {"beam_size": 4, "length_penalty": 0.6, "max_extra_len": 50, "batch_size": 8}
+    if export.has_jax_export_support():
+        assert meta["jax_export"]["src_shape"] == ["batch", 16] and meta["jax_export"]["output_shape"] == ["batch", 64]
+        assert meta["jax_export"]["function"] == "beam_search" and meta["jax_export"]["beam_size"] == 4
+    arrays = load_file(str(exported / "params.safetensors"))
+    assert "decoder_0/cross_attention/key/kernel" in arrays
+    assert len(arrays) == len(jax.tree.leaves(params))
+
+
+def test_load_gives_identical_logits_and_translations(exported, bundle):
+    model, params, tokenizer = bundle
+    model2, params2, tokenizer2 = export.load(exported)
+    assert model2.config == model.config and tokenizer2.vocab_size == tokenizer.vocab_size
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    src = jnp.asarray([[5, 9, 11, EOS_ID, PAD_ID], [7, 8, EOS_ID, PAD_ID, PAD_ID]])
+    tgt = jnp.asarray([[BOS_ID, 5, 9, 11], [BOS_ID, 7, 8, PAD_ID]])
+    np.testing.assert_array_equal(model.apply(params, src, tgt), model2.apply(params2, src, tgt))
+    assert translate_texts(model2, params2, tokenizer2, SENTENCES) == translate_texts(model, params, tokenizer,
+                                                                                      SENTENCES)
+
+
+@needs_flatbuffers
+def test_jax_export_artifact_runs_the_search_for_any_batch_size(exported, bundle):
+    model, params, tokenizer = bundle
+    fn = export.load_jax_export(exported)  # beam search, beam 4, alpha 0.6: the export's decode settings
+    src = np.zeros((8, 16), np.int32)
+    for row, ids in enumerate(tokenizer.encode(SENTENCES)):
+        src[row, :len(ids) + 1] = ids + [EOS_ID]
+    expected = np.asarray(decode.beam_search(model, params, src, beam_size=4, alpha=0.6)[0])
+    loaded = export.load(exported)[1]
+    np.testing.assert_array_equal(fn(loaded, jnp.asarray(src)), expected)
+    np.testing.assert_array_equal(fn(loaded, jnp.asarray(src[:3])), expected[:3])
+
+
+def test_load_explains_what_is_wrong(tmp_path, exported):
+    with pytest.raises(export.ExportError, match="not an exported model"):
+        export.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an exported model"):
+        translate_lib.load_translator(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        translate_lib.load_translator(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="only to a training workdir"):
+        translate_lib.load_translator(exported, average_last=5)
+
+
+def test_translate_copies_and_keeps_the_input_order(bundle):
+    translator = Translator(*bundle)
+    sentences = made_up_sentences(20, seed=3)  # several lengths: sorted into batches, then put back in order
+    outputs = translate(translator, sentences, batch_size=8)
+    assert len(outputs) == 20
+    assert sum(o == s for o, s in zip(outputs, sentences)) >= 18
+    one_by_one = [translate(bundle, s, batch_size=8) for s in sentences[:3]]  # a str in, a str out
+    assert one_by_one == outputs[:3]
+    greedy = translate(translator, sentences, beam_size=1, batch_size=8)
+    assert sum(o == s for o, s in zip(greedy, sentences)) >= 18
+
+
+def test_translate_empty_inputs_without_running_the_model(bundle, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model should not run")
+    monkeypatch.setattr(decode, "greedy_search", fail)
+    monkeypatch.setattr(decode, "beam_search", fail)
+    assert translate(bundle, []) == []
+    assert translate(bundle, ["", "   "]) == ["", ""]
+    assert translate(bundle, "") == ""
+
+
+def test_translate_truncates_over_long_input_with_a_warning(bundle, caplog):
+    model, params, tokenizer = bundle
+    long = " ".join(["a"] * 100)  # 100 tokens: more than max_len - 1 = 63
+    assert len(tokenizer.encode([long])[0]) == 100
+    with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
+        out = translate(bundle, [long, SENTENCES[0]], batch_size=8)
+    assert "sentence 0 has 100 tokens" in caplog.text and "first 63 tokens" in caplog.text
+    assert len(tokenizer.encode([out[0]])[0]) <= model.config.max_len
+    assert out[1] == translate(bundle, [SENTENCES[0]], batch_size=8)[0]
+
+
+def test_translator_unpacks_and_rejects_bad_options(bundle):
+    translator = Translator(*bundle, decode={"beam_size": 2})
+    model, params, tokenizer = translator
+    assert model is bundle[0] and translator.decode["beam_size"] == 2
+    with pytest.raises(TypeError, match="unknown decode option"):
+        translate_texts(model, params, tokenizer, ["a"], beam=3)
+    with pytest.raises(ValueError, match="beam_size must be >= 1"):
+        translator(["a"], beam_size=0)
+    with pytest.raises(TypeError, match="Translator"):
+        translate(42, ["a"])
+
+
+def test_bleu_of_identical_text_is_100_with_the_sacrebleu_signature(bundle):
+    refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee, nicht wahr?"]
+    result = corpus_bleu(refs, refs)
+    assert result.score == pytest.approx(100.0)  # (sacreBLEU's geometric mean can give 100.00000000000004)
+    assert result.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert corpus_bleu(["völlig anders"], ["Ein Mann fährt Fahrrad."]).score < 10
+    with pytest.raises(ValueError, match="pair up"):
+        corpus_bleu(refs, refs[:1])
+    # Through the model: the copy model "translates" into its input, so sources as references score 100.
+    sentences = made_up_sentences(8, seed=5)
+    result = evaluate_texts(bundle, sentences, sentences, batch_size=8)
+    assert result.hypotheses == translate(bundle, sentences, batch_size=8)
+    assert result.score == corpus_bleu(result.hypotheses, sentences).score > 80
+
+
+def test_cli_translate_evaluate_and_plot(exported, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "test.xx"
+    src.write_text("".join(s + "\n" for s in SENTENCES))
+    out = tmp_path / "out.txt"
+    assert cli.main(["translate", "--model", str(exported), "--input", str(src), "--output", str(out)]) == 0
+    expected = translate(str(exported), SENTENCES)
+    assert out.read_text().splitlines() == expected
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n"))
+    assert cli.main(["translate", "--model", str(exported), "--beam-size", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [translate(str(exported), SENTENCES[0], beam_size=1), "",
+                     translate(str(exported), SENTENCES[1], beam_size=1)]
+
+    assert cli.main(["evaluate", "--model", str(exported), "--src", str(src), "--ref", str(out),
+                     "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "BLEU = 100.00" in printed and "nrefs:1|case:mixed" in printed
+    info = json.loads((tmp_path / "eval" / "bleu.json").read_text())
+    assert info["bleu"] == pytest.approx(100.0) and info["num_sentences"] == len(SENTENCES)
+    assert (tmp_path / "eval" / "test.hyp").read_text().splitlines() == expected
+
+    png = tmp_path / "attention.png"
+    assert cli.main(["plot-attention", "--model", str(exported), "--sentence", SENTENCES[0], "--kind", "all",
+                     "--heads", "0,1", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["translate", "--model", str(tmp_path / "missing"), "--input", str(src)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_attention_maps_are_distributions_labelled_by_pieces(bundle):
+    from jaxformer.plotting import attention_maps
+
+    model, params, tokenizer = bundle
+    maps = attention_maps(model, params, tokenizer, SENTENCES[0], beam_size=1)
+    s, t = len(maps.source_pieces), len(maps.input_pieces)
+    assert maps.source_pieces[-1] == "</s>" and maps.input_pieces[0] == "<s>"
+    assert maps.weights["encoder"][0].shape == (model.config.num_heads, s, s)
+    assert maps.weights["cross"][-1].shape == (model.config.num_heads, t, s)
+    for kind in ("encoder", "decoder", "cross"):
+        np.testing.assert_allclose(maps.weights[kind][0].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.triu(maps.weights["decoder"][0][0], 1), 0.0)  # causal
+
+
+def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp_path, capsys):
+    from jaxformer import checkpoint
+    from jaxformer.config import default_config
+
+    model, params, tokenizer = bundle
+    workdir = tmp_path / "run"
+    config = default_config()
+    for key, value in model.config.to_dict().items():
+        if key in config.model:
+            config.model[key] = value
+    config.data.source, config.data.src_lang, config.data.tgt_lang = "files", "xx", "yy"
+    config.data.test_files = str(tmp_path / "test")
+    config.train.bleu_tokenize = "char"
+    (tmp_path / "test.xx").write_text("".join(s + "\n" for s in SENTENCES))
+    (tmp_path / "test.yy").write_text("".join(s + "\n" for s in SENTENCES))
+    checkpoint.save_run_config(config, workdir)
+    tokenizer.save(str(workdir / "vocab.model"))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)
+    for step, p in ((1, zeros), (2, jax.tree.map(lambda x: 2 * x, params))):  # their average is `params`
+        store.save(step, params=p, opt_state={"count": np.zeros((), np.int32)},
+                   rng=jax.random.key_data(jax.random.key(0)), data_state={})
+    store.wait()
+    store.close()
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--workdir", str(workdir), "--average-last", "2", "--out", str(out)]) == 0
+    _, loaded, _ = export.load(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["data"]["test_files"] == str(tmp_path / "test") and meta["bleu_tokenize"] == "char"
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2", "--split", "test",
+                     "--out", str(tmp_path / "eval")]) == 0
+    assert "BLEU = " in capsys.readouterr().out
+    info = json.loads((tmp_path / "eval" / "bleu.json").read_text())
+    assert info["num_sentences"] == len(SENTENCES) and info["bleu"] > 80
+    assert "split 'test'" in info["test_set"] and "tok:char" in info["signature"]  # the run's BLEU tokenizer
+    # a data.* override on the command line: the test set is read from elsewhere
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2", "--limit", "2",
+                     "--data.test_files", str(tmp_path / "test"), "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "bleu.json").read_text())["num_sentences"] == 2
