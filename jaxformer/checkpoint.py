@@ -164,14 +164,22 @@ class CheckpointStore:
         if not read_only:
             self._remove_partial()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None,
+            max_to_keep=keep if keep and keep > 0 and not read_only else None,
+            save_interval_steps=0 if read_only else 1,  # orbax warns unless a reader says it saves nothing
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
         )
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # orbax warns that the directory "is read only", which is what a reader asked for
+            absl_log.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        finally:
+            absl_log.setLevel(level)
 
     def _remove_partial(self) -> None:
         """Delete what interrupted saves left (never a complete checkpoint: those have been renamed)."""
