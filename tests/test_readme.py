@@ -1,0 +1,160 @@
+"""Every command and Python snippet README.md shows runs, at tiny sizes.
+
+Commands come from the README's ```bash blocks and snippets from its ```python blocks, so a command
+added to the README without a rule here fails `test_every_readme_command_has_a_smoke_rule`. Run
+directories (`runs/...`) go to a temporary folder; training commands get tiny model and step overrides
+appended (later flags win). The hub is unreachable here, so the commands that train from the hub run
+with `data.source=files` on the local Multi30k copy: the same code after the loading step.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MULTI30K, REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+TINY_MODEL = ("--config.model.d_model=32 --config.model.d_ff=64 --config.model.num_heads=2 "
+              "--config.model.num_encoder_layers=1 --config.model.num_decoder_layers=1 "
+              "--config.train.progress_bar=False --config.train.eval_bleu_sentences=4 "
+              "--config.train.warmup_steps=10 --config.train.log_every=10")
+# The default run feeds the translate/evaluate/export commands: 5 checkpoints for --average-last 5.
+TINY_DEFAULT = (TINY_MODEL + " --config.data.synthetic_size=2000 --config.train.steps=50 "
+                "--config.train.checkpoint_every_steps=10 --config.train.eval_every=50")
+FILES = (f"--config.data.source=files --config.data.train_files={MULTI30K}/train "
+         f"--config.data.valid_files={MULTI30K}/val --config.data.test_files={MULTI30K}/test2016")
+TINY_REAL = (TINY_MODEL + " --config.train.steps=3 --config.train.checkpoint_every_steps=3 "
+             "--config.train.eval_every=3 --config.train.average_last=1 --config.data.vocab_size=300 "
+             "--config.data.vocab_sample_size=2000 --config.data.tokens_per_batch=256 "
+             "--config.data.shuffle_buffer=100 --config.train.grad_accum_steps=1 "
+             "--config.train.checkpoint_every_minutes=0 --config.model.dtype=float32")
+TINY_BENCH_MODEL = " ".join(f"--set {kv}" for kv in (
+    "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.num_encoder_layers=1",
+    "model.num_decoder_layers=1", "data.vocab_size=300", "data.vocab_sample_size=2000",
+    "data.tokens_per_batch=256", "train.eval_bleu_sentences=4", "train.average_last=1",
+    "train.checkpoint_every_steps=3", "train.eval_every=3"))
+
+# (regular expression on the README command, what to append to it); the first match wins.
+RULES = [
+    (r"^pip install ", None),                 # checked against .ci/run, not run again
+    (r"^python -m pytest ", None),            # checked against .ci/run, not run recursively
+    (r"^python train\.py$", TINY_DEFAULT),
+    (r"^python train\.py --config configs/multi30k\.py --config\.data\.source=files$", TINY_REAL),
+    (r"^python train\.py --config configs/(multi30k|wmt14_base|wmt14_big)\.py", TINY_REAL + " " + FILES),
+    (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
+    (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
+    (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
+    (r"^(echo .*\| )?jaxformer ", ""),
+    (r"^python -m jaxformer\.", ""),
+]
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def readme_lines() -> list[str]:
+    lines = []
+    for block in readme_blocks("bash"):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's shell lines, `a && b` counting as two."""
+    return [part.strip() for line in readme_lines() for part in line.split(" && ")]
+
+
+def rule_for(command: str):
+    for pattern, extra in RULES:
+        if re.search(pattern, command):
+            return pattern, extra
+    return None
+
+
+def test_every_readme_command_has_a_smoke_rule():
+    commands = readme_commands()
+    assert any(c.startswith("python train.py") for c in commands)
+    missing = [c for c in commands if rule_for(c) is None]
+    assert not missing, f"README commands with no smoke rule in tests/test_readme.py: {missing}"
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text()
+    first = readme_lines()[0]
+    assert first == "pip install -e '.[test]' && python train.py", "the first command installs and runs the default"
+    assert "pip install" in ci and "-e '.[test]'" in ci
+    test_command = next(c for c in readme_commands() if c.startswith("python -m pytest"))
+    assert test_command.replace("python", "python3", 1) in ci
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A temporary folder for runs/, with the README's numbers.en input file."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "numbers.en").write_text("three hundred five\nseventeen\n", encoding="utf-8")
+    return root
+
+
+def run_readme_command(command: str, extra: str, sandbox: pathlib.Path) -> subprocess.CompletedProcess:
+    command = command.replace("runs/", f"{sandbox}/runs/")
+    for name in ("numbers.en", "numbers.de", "attention.png"):
+        command = re.sub(rf"(?<![\w/.]){re.escape(name)}", str(sandbox / name), command)
+    jaxformer = f"{shlex.quote(sys.executable)} -m jaxformer.cli"
+    command = re.sub(r"(^|\| )jaxformer ", lambda m: f"{m.group(1)}{jaxformer} ", command)
+    command = re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", command)
+    if "train.py" in command:
+        extra += f" --config.data.synthetic_dir={sandbox}/synthetic"
+        if "--workdir" not in command:  # the recipe's own runs/<name>, inside the sandbox
+            recipe = re.search(r"configs/(\w+)\.py", command)
+            extra += f" --workdir {sandbox}/runs/{recipe.group(1) if recipe else 'default'}"
+    assert "runs/" not in command.replace(f"{sandbox}/runs/", ""), command
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop has
+    return subprocess.run(f"{command} {extra}", shell=True, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_readme_commands_and_snippets_run(sandbox):
+    """One test, in README order: later commands and the snippets use the runs the first ones make."""
+    ran = []
+    for command in readme_commands():
+        _, extra = rule_for(command)
+        if extra is None:
+            continue
+        result = run_readme_command(command, extra, sandbox)
+        assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-3000:]}\n" \
+                                       f"{result.stderr[-3000:]}"
+        ran.append((command, result))
+    outputs = {c: r.stdout for c, r in ran}
+    # What the commands promise to leave behind.
+    assert (sandbox / "runs" / "default" / "curves.png").exists()
+    assert len(list((sandbox / "runs" / "default" / "checkpoints").iterdir())) >= 5
+    assert (sandbox / "runs" / "default-export" / "params.safetensors").exists()
+    assert (sandbox / "runs" / "default" / "eval" / "bleu.json").exists()
+    assert (sandbox / "attention.png").stat().st_size > 0
+    assert len((sandbox / "numbers.de").read_text(encoding="utf-8").splitlines()) == 2
+    translate_stdin = next(o for c, o in outputs.items() if c.startswith("echo"))
+    assert len(translate_stdin.strip().splitlines()) == 1
+    assert any("tokens_per_s" in o for c, o in outputs.items() if "train_throughput" in c)
+
+    blocks = readme_blocks("python")
+    assert blocks, "README shows no Python"
+    for block in blocks:
+        code = block.replace('"runs/', f'"{sandbox}/runs/')
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, f"README snippet failed:\n{block}\n{result.stderr[-3000:]}"
