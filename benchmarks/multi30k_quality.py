@@ -12,7 +12,6 @@ search) and with greedy search. Hypotheses and scores are also written to <workd
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ def main(argv=None):
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import multi30k  # noqa: E402  (configs/multi30k.py)
 
+    from jaxformer.cli import parse_overrides
     from jaxformer.evaluate import run_evaluation
     from jaxformer.train import run
 
@@ -55,16 +55,11 @@ def main(argv=None):
     config.train.progress_bar = False
     if args.steps is not None:
         config.train.steps = args.steps
-    for item in args.set:
-        key, _, text = item.partition("=")
-        section, _, name = key.partition(".")
-        if name not in config.get(section, {}):
-            parser.error(f"--set {item}: unknown config key {key!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        config[section][name] = value
+    for item in args.set:  # typed and checked like `jaxformer evaluate --data.KEY=VALUE`
+        section = item.partition(".")[0]
+        if section not in config:
+            parser.error(f"--set {item}: unknown config section {section!r}")
+        config[section].update(parse_overrides([f"--{item}"], section, config[section].to_dict()))
 
     print(f"# device: {device_summary()}")
     rows = []

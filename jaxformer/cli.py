@@ -55,7 +55,7 @@ def _decode_overrides(args) -> dict:
     return {k: getattr(args, k) for k in ("beam_size", "length_penalty", "max_extra_len", "batch_size")}
 
 
-def _parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:
+def parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:
     """`--data.key=value` / `--data.key value` -> {key: value}, typed like the default config's value."""
     out, i = {}, 0
     prefix = f"--{section}."
@@ -87,6 +87,11 @@ def _typed(value: str, like: Any, name: str) -> Any:
             return int(value)
         if isinstance(like, float):
             return float(value)
+        if like is None:  # an optional value (e.g. model.d_k): a Python literal, else the text
+            try:
+                return ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                return value
         if isinstance(like, (tuple, list)):
             parsed = ast.literal_eval(value if value.strip().startswith(("(", "[")) else f"({value},)")
             return tuple(parsed)
@@ -133,7 +138,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     from jaxformer.config import default_config
     from jaxformer.evaluate import run_evaluation
 
-    data_overrides = _parse_overrides(extra, "data", default_config().data.to_dict())
+    data_overrides = parse_overrides(extra, "data", default_config().data.to_dict())
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, data_overrides=data_overrides,
                             decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize)

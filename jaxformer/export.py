@@ -59,11 +59,6 @@ def _plain(value):
     return value
 
 
-def _default_decode() -> dict:
-    from jaxformer.config import default_config
-    return default_config().decode.to_dict()
-
-
 def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer, *, jax_export: bool = False,
                  decode: Mapping | None = None, data: Mapping | None = None, bleu_tokenize: str | None = None,
                  jax_export_src_len: int = 64, jax_export_platforms: Sequence[str] | None = None,
@@ -95,8 +90,9 @@ def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer,
     save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     tokenizer.save(str(out / VOCAB_FILE))
 
-    decode_settings = _default_decode()
-    decode_settings.update(_plain(decode or {}))
+    from jaxformer.translate import decode_settings as checked_decode_settings
+
+    decode_settings = checked_decode_settings(_plain(decode or {}))
     meta: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "model": config.to_dict(), "decode": decode_settings,
         "files": {"params": PARAMS_FILE, "vocab": VOCAB_FILE},
