@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --shapes small --dtype bfloat16
 
 Shapes: "small" is d_model=256, 3+3 layers, 4 heads, d_ff=1024, vocab 8000, batch 64 x (32+32) tokens;
-"base" is the paper's base model (vocab 37000) on the same batch. The step is jaxformer.train.Steps.train:
+"base" is the paper's base model (vocab 37000) on the same batch. The step is jaxformer.steps.Steps.train:
 forward, label-smoothed loss, backward and the Adam update, with dropout, over a mesh of every device.
 MFU divides the model's matmul FLOP/s by this machine's measured square-matmul peak for the dtype.
 """
@@ -25,7 +25,8 @@ from common import device_summary, matmul_peak_flops, report, time_calls, transf
 from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
-from jaxformer.train import Steps, make_optimizer  # noqa: E402
+from jaxformer.optim import make_optimizer  # noqa: E402
+from jaxformer.steps import Steps  # noqa: E402
 
 SHAPES = {
     "small": dict(model=dict(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,

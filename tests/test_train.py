@@ -23,8 +23,10 @@ from jaxformer import parallel
 from jaxformer.config import default_config
 from jaxformer.data import PAD_ID, Tokenizer, make_batches
 from jaxformer.model import Transformer, TransformerConfig
-from jaxformer.train import (Steps, TrainingError, check_train_config, label_smoothed_cross_entropy,
-                             learning_rate_schedule, make_optimizer, run, token_losses)
+from jaxformer.loss import label_smoothed_cross_entropy, token_losses
+from jaxformer.optim import learning_rate_schedule, make_optimizer
+from jaxformer.steps import Steps
+from jaxformer.train import TrainingError, check_train_config, run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
