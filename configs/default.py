@@ -33,7 +33,6 @@ def get_config():
     c.data.tokens_per_batch = 2048
     c.data.bucket_lengths = (8, 12, 16, 24)
     c.data.max_len = 24
-    c.data.shuffle_buffer = 5_000
 
     c.train.workdir = "runs/default"
     c.train.steps = 1000

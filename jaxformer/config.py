@@ -50,14 +50,22 @@ def default_config() -> ml_collections.ConfigDict:
     d.valid_files = ""
     d.test_files = ""
     d.vocab_size = 8000
-    d.vocab_sample_size = 1_000_000  # sentences (both sides) read to train the subword model
+    d.vocab_sample_size = 1_000_000  # sentences (both sides), sampled over the whole train split, to train it
     d.vocab_model = ""              # path of an existing sentencepiece model to use instead of training one
     d.max_len = 256                 # pairs with a side longer than this (in tokens, with EOS) are skipped
-    d.tokens_per_batch = 4096       # per step, all processes together, for each side (paper: ~25,000)
-    d.bucket_lengths = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    d.shuffle_buffer = 10_000
-    d.pack = False                  # pack several short pairs into one row (segment ids)
-    d.seed = 0
+    d.tokens_per_batch = 4096       # batch slots (rows x length, padding included) per side and step, all
+                                    # processes together (paper: ~25,000 real tokens); with pack=True over 90%
+                                    # of the slots are real tokens, so this is close to the real count
+    d.bucket_lengths = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # pack=False: one shape each; pack=True:
+                                    # rows of the largest
+    d.pack = True                   # several pairs per row, kept apart by segment ids and per-pair positions
+                                    # (the same computation as one pair per row, without the padding);
+                                    # False: one pair per row in the smallest bucket that holds it
+    d.seed = 0                      # each epoch's whole-corpus order and the vocabulary's sample
+    d.cache_dir = ""                # token cache (tokenized splits, memory-mapped; keyed by source, vocabulary,
+                                    # max_len and shard, so it can be shared between runs, e.g. runs/data_cache);
+                                    # "": <train.workdir>/data_cache
+    d.prefetch = 4                  # batches made ahead of the device by a background thread (0: none)
     d.synthetic_size = 20_000       # with source="synthetic": training pairs generated
     d.synthetic_dir = "runs/synthetic_data"  # ... written here (a subfolder per size and seed), then read as files
 

@@ -10,10 +10,17 @@ import pytest
 
 from jaxformer import synthetic
 from jaxformer.config import default_config
-from jaxformer.data import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, BatchIterator, DataError, Tokenizer, batch_size_for,
+from jaxformer.data import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, Tokenizer, batch_size_for,
                             get_tokenizer, load_split, make_batches, read_pairs)
 
 BUCKETS = (8, 16, 24, 32, 48, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Every test's token caches go to one temporary folder (caches of equal inputs are shared, as in use)."""
+    global CACHE_DIR
+    CACHE_DIR = str(tmp_path_factory.mktemp("token_cache"))
 
 
 def config(**data):
@@ -21,7 +28,8 @@ def config(**data):
     c.data.bucket_lengths = BUCKETS
     c.data.max_len = 64
     c.data.tokens_per_batch = 1024
-    c.data.shuffle_buffer = 256
+    c.data.pack = False  # one pair per row unless a test packs
+    c.data.cache_dir = CACHE_DIR
     for k, v in data.items():
         c.data[k] = v
     return c
@@ -32,10 +40,9 @@ def m30k(multi30k_dir, split="val", **data):
                   **data)
 
 
-def iterator(cfg, tok, split="valid", *, process_index=0, process_count=1, **kw):
-    ds = load_split(cfg.data, split, process_index=process_index, process_count=process_count)
-    kw.setdefault("seed", 0)
-    return BatchIterator(ds, tok, cfg.data, process_count=process_count, **kw)
+def iterator(cfg, tok, split="valid", *, process_index=0, process_count=1, repeat=True, shuffle=True, num_devices=1):
+    return make_batches(cfg, tok, split, repeat=repeat, shuffle=shuffle, num_devices=num_devices,
+                        process_index=process_index, process_count=process_count)
 
 
 def write_pair(tmp_path, src_lines, tgt_lines, name="corpus"):

@@ -34,7 +34,7 @@ FILES = (f"--config.data.source=files --config.data.train_files={MULTI30K}/train
 TINY_REAL = (TINY_MODEL + " --config.train.steps=3 --config.train.checkpoint_every_steps=3 "
              "--config.train.eval_every=3 --config.train.average_last=1 --config.data.vocab_size=300 "
              "--config.data.vocab_sample_size=2000 --config.data.tokens_per_batch=256 "
-             "--config.data.shuffle_buffer=100 --config.train.grad_accum_steps=1 "
+             "--config.train.grad_accum_steps=1 "
              "--config.train.checkpoint_every_minutes=0 --config.model.dtype=float32")
 TINY_BENCH_MODEL = " ".join(f"--set {kv}" for kv in (
     "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.num_encoder_layers=1",

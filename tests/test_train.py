@@ -56,7 +56,7 @@ def tiny_config(workdir, synthetic_setup, **train):
     c = default_config()
     c.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=32)
     c.data.update(source="synthetic", synthetic_size=2000, synthetic_dir=data_dir, vocab_model=vocab,
-                  tokens_per_batch=256, bucket_lengths=(24,), max_len=24, shuffle_buffer=200)
+                  tokens_per_batch=256, bucket_lengths=(24,), max_len=24)
     c.train.update(workdir=str(workdir), steps=6, warmup_steps=4, lr_scale=2.0, log_every=1, eval_every=0,
                    eval_bleu_sentences=0, checkpoint_every_steps=2, keep_checkpoints=5, average_last=1,
                    progress_bar=False, plot=False)
@@ -162,11 +162,12 @@ def tiny_model(**overrides) -> Transformer:
 
 
 @pytest.fixture(scope="module")
-def multi30k_batches(multi30k_dir, multi30k_tokenizer):
+def multi30k_batches(multi30k_dir, multi30k_tokenizer, tmp_path_factory):
     """Real Multi30k training batches (rows divisible by 4 devices)."""
     c = default_config()
+    c.data.cache_dir = str(tmp_path_factory.mktemp("token_cache"))
     c.data.update(source="files", train_files=str(multi30k_dir / "train"), tokens_per_batch=512,
-                  bucket_lengths=(32,), max_len=32, shuffle_buffer=1000)  # one shape: one compile per step
+                  bucket_lengths=(32,), max_len=32)  # one shape: one compile per step
     it = make_batches(c, multi30k_tokenizer, "train", repeat=True, shuffle=True, num_devices=4,
                       process_index=0, process_count=1)
     return [next(it) for _ in range(40)]
