@@ -111,10 +111,13 @@ class _Trainer:
     # -- data
 
     def train_batches(self):
-        from jaxformer.data import make_batches
+        """This process's training batches, made data.prefetch batches ahead by a background thread; their
+        `state_dict()` is the position after the last batch the loop took."""
+        from jaxformer.data import Prefetcher, make_batches
 
-        return make_batches(self.config, self.tokenizer, "train", repeat=True, shuffle=True,
-                            num_devices=parallel.local_devices_in(self.mesh))
+        batches = make_batches(self.config, self.tokenizer, "train", repeat=True, shuffle=True,
+                               num_devices=parallel.local_devices_in(self.mesh))
+        return Prefetcher(batches, self.config.data.prefetch) if self.config.data.prefetch > 0 else batches
 
     def valid_batches(self) -> list:
         if self._valid_batches is None:
@@ -293,6 +296,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         raise
     finally:
         bar.close()
+        if hasattr(train_batches, "close"):
+            train_batches.close()
         trainer.store.close()
         metrics.close()
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -472,3 +474,216 @@ def test_dataset_without_the_expected_fields(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"translation": {"fr": "a", "de": "b"}}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"b\.jsonl.*'translation' has languages \['de', 'fr'\].*\['en'\]"):
         load_split(config(train_files=str(tmp_path / "b.jsonl")).data, "train", process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------------------- token cache, order, packing
+
+
+def batch_pairs(batches):
+    """Multiset of (source ids, target ids) in batches, packed or not."""
+    out = collections.Counter()
+    for b in batches:
+        for s, to in zip(b["src"].tolist(), b["tgt_out"].tolist()):
+            out.update(zip(_split_eos(s), _split_eos(to)))
+    return out
+
+
+def _split_eos(row):
+    parts, cur = [], []
+    for t in row:
+        if t == PAD_ID:
+            continue
+        if t == EOS_ID:
+            parts.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return parts
+
+
+def cache_folders(directory):
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def key_of(directory):
+    (name,) = [n for n in cache_folders(directory) if not n.startswith(".")]
+    return name
+
+
+def test_first_pass_fills_the_cache_later_passes_read_it_memory_mapped(tmp_path, multi30k_dir, multi30k_tokenizer):
+    cfg = m30k(multi30k_dir, cache_dir=str(tmp_path / "cache"))
+    first = list(iterator(cfg, multi30k_tokenizer, repeat=False))
+    (folder,) = cache_folders(tmp_path / "cache")
+    assert folder.startswith("valid-0of1-") and (tmp_path / "cache" / folder / "meta.json").is_file()
+
+    class NoEncoding:  # a later pass must not tokenize again
+        serialized, vocab_size = multi30k_tokenizer.serialized, multi30k_tokenizer.vocab_size
+
+        def encode(self, texts):
+            raise AssertionError("tokenized again")
+
+    it = iterator(cfg, NoEncoding(), repeat=False)
+    again = list(it)
+    assert_same_batches(first, again)
+    assert isinstance(it.cache.src_tokens, np.memmap) and isinstance(it.cache.tgt_tokens, np.memmap)
+    assert it.stats == {"empty": 0, "bad_utf8": 0, "too_long": it.cache.stats["too_long"]}
+
+
+def test_a_changed_source_or_vocabulary_never_reuses_a_stale_cache(tmp_path, multi30k_tokenizer):
+    cache = tmp_path / "cache"
+    lines = [(f"a dog number {synthetic.english_words(i)}", f"ein Hund {synthetic.german_words(i)}") for i in range(40)]
+    prefix = write_pair(tmp_path, [s for s, _ in lines], [t for _, t in lines])
+    cfg = config(train_files=prefix, cache_dir=str(cache))
+    decode = lambda batches: sorted(multi30k_tokenizer.decode([r[0] for b in batches for r in rows_of(b)]))  # noqa
+    assert decode(iterator(cfg, multi30k_tokenizer, "train", repeat=False)) == sorted(s for s, _ in lines)
+    lines[3] = ("a cat instead", "eine Katze")  # the source changes on disk
+    write_pair(tmp_path, [s for s, _ in lines], [t for _, t in lines])
+    assert decode(iterator(cfg, multi30k_tokenizer, "train", repeat=False)) == sorted(s for s, _ in lines)
+    assert len(cache_folders(cache)) == 2
+    other = Tokenizer.train([s for pair in lines for s in pair] * 3, 120, str(tmp_path / "other.model"))
+    got = sorted(other.decode([r[0] for b in iterator(cfg, other, "train", repeat=False) for r in rows_of(b)]))
+    assert got == sorted(s for s, _ in lines) and len(cache_folders(cache)) == 3
+
+
+def test_killed_first_pass_leaves_nothing_and_resume_is_exact_across_the_cache(tmp_path, multi30k_dir,
+                                                                             multi30k_tokenizer):
+    tok = multi30k_tokenizer
+    cfg = m30k(multi30k_dir, pack=True, tokens_per_batch=2048, cache_dir=str(tmp_path / "reference"))
+    ref = iterator(cfg, tok, num_devices=2)
+    reference = [next(ref) for _ in range(60)]
+    per_epoch = ref.epoch
+    assert per_epoch >= 1
+
+    class Killed(Exception):
+        pass
+
+    class DiesWhileTokenizing:
+        serialized, vocab_size = tok.serialized, tok.vocab_size
+
+        def encode(self, texts):
+            raise Killed
+
+    cfg.data.cache_dir = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        next(iterator(cfg, DiesWhileTokenizing(), num_devices=2))
+    assert cache_folders(tmp_path / "run") == []  # no partial cache that could pass for a complete one
+    abandoned = tmp_path / "run" / f".{key_of(tmp_path / 'reference')}.tmp-99999999-dead"  # a killed process's
+    abandoned.mkdir()
+    for n in (5, 40):  # 5: saved during the first pass (epoch 0); 40: during a cached epoch
+        it1 = iterator(cfg, tok, num_devices=2)
+        head = [next(it1) for _ in range(n)]
+        state = json.loads(json.dumps(it1.state_dict()))
+        assert state["epoch"] == 0 if n == 5 else state["epoch"] >= 1
+        assert not abandoned.exists()  # cleaned up by the first pass
+        if n == 5:  # the killed run's cache is gone too: the next run builds it again, to the same batches
+            shutil.rmtree(tmp_path / "run" / key_of(tmp_path / "reference"))
+        it2 = iterator(cfg, tok, num_devices=2)
+        it2.load_state_dict(state)
+        assert_same_batches(head + [next(it2) for _ in range(60 - n)], reference)
+
+
+def test_each_epoch_reads_the_whole_split_in_a_new_order_reproducible_from_the_seed(tmp_path, multi30k_tokenizer):
+    # one domain after another, as the WMT14 hub split is: a buffer-sized shuffle would keep them apart
+    src = [f"a dog number {synthetic.english_words(i)}" for i in range(300)] + \
+          [f"the cat sat {synthetic.english_words(i)}" for i in range(300)]
+    prefix = write_pair(tmp_path, src, [f"x {i}" for i in range(600)])
+    cfg = config(train_files=prefix, tokens_per_batch=256, bucket_lengths=(16,), max_len=16)
+
+    def first_epochs(seed, epochs=2):
+        cfg.data.seed = seed
+        it = iterator(cfg, multi30k_tokenizer, "train")
+        out = {}
+        while it.epoch < epochs:
+            epoch = it.epoch
+            out.setdefault(epoch, []).append(next(it))
+        return out
+
+    run = first_epochs(0)
+    first_batch = multi30k_tokenizer.decode(run[0][0]["src"])
+    assert any(s.startswith("a dog") for s in first_batch) and any(s.startswith("the cat") for s in first_batch)
+    assert not np.array_equal(run[0][0]["src"], run[1][0]["src"])  # a new order each epoch
+    again = first_epochs(0)
+    for e in (0, 1):
+        assert_same_batches(run[e], again[e])  # ... reproducible from the seed
+    assert not np.array_equal(first_epochs(1)[0][0]["src"], run[0][0]["src"])
+
+
+def wmt_like_cache(n=60_000, seed=0):
+    """Token lengths shaped like WMT14 En-De with a 37k BPE: median ~22, a long tail, targets ~5% longer."""
+    from jaxformer.data import TokenCache
+
+    rng = np.random.default_rng(seed)
+    src = np.clip(np.round(rng.lognormal(np.log(22), 0.65, n)), 1, 400).astype(np.int32)
+    tgt = np.clip(np.round(src * rng.lognormal(0.05, 0.2, n)), 1, 400).astype(np.int32)
+    keep = np.maximum(src, tgt) + 1 <= 256
+    src, tgt = src[keep], tgt[keep]
+    return TokenCache(np.full(src.sum(), 7, np.int32), src, np.full(tgt.sum(), 9, np.int32), tgt)
+
+
+def test_padding_efficiency_and_shape_count_bounds(multi30k_dir, multi30k_tokenizer):
+    from jaxformer.data import BatchIterator, padding_efficiency
+
+    cfg = m30k(multi30k_dir, pack=True, tokens_per_batch=4096)
+    it = iterator(cfg, multi30k_tokenizer, num_devices=2)
+    batches = [next(it) for _ in range(12)]  # over two epochs of the validation split
+    assert padding_efficiency(batches) >= 0.90 and len({b["src"].shape for b in batches}) == 1
+    one_pass = list(iterator(cfg, multi30k_tokenizer, repeat=False, num_devices=2))
+    assert sum(batch_pairs(one_pass).values()) == 1014 - it.stats["too_long"]  # every pair, once
+    c = default_config()
+    c.data.tokens_per_batch = 25_000
+    for pack, efficiency in ((True, 0.90), (False, 0.70)):
+        c.data.pack = pack
+        it = BatchIterator(wmt_like_cache(), c.data, repeat=True, num_devices=8)
+        batches = [next(it) for _ in range(60)]
+        assert padding_efficiency(batches) >= efficiency
+        shapes = {b["src"].shape for b in batches}
+        assert shapes <= set(it.shapes) and len(it.shapes) <= 16
+        assert all(b["src"].shape[0] * b["src"].shape[1] <= 25_000 for b in batches)
+
+
+def test_two_processes_batch_disjoint_shards_covering_the_data(multi30k_dir, multi30k_tokenizer):
+    cfg = m30k(multi30k_dir, pack=True)
+    whole = batch_pairs(iterator(cfg, multi30k_tokenizer, repeat=False))
+    parts = [batch_pairs(iterator(cfg, multi30k_tokenizer, repeat=False, process_index=r, process_count=2))
+             for r in (0, 1)]
+    assert parts[0] + parts[1] == whole and abs(sum(parts[0].values()) - sum(parts[1].values())) <= 20
+    assert not set(parts[0]) & set(parts[1]) - {k for k, v in whole.items() if v > 1}
+
+
+def test_an_unwritable_cache_dir_is_a_one_line_error(tmp_path, multi30k_dir, multi30k_tokenizer):
+    (tmp_path / "file").write_text("not a folder")
+    cfg = m30k(multi30k_dir, cache_dir=str(tmp_path / "file" / "cache"))
+    with pytest.raises(DataError, match=r"cannot write the token cache in .*file/cache: .*data\.cache_dir") as e:
+        next(iterator(cfg, multi30k_tokenizer))
+    assert "\n" not in str(e.value)
+
+
+def test_vocabulary_sample_is_spread_over_the_whole_corpus(tmp_path):
+    from jaxformer.data import sample_sentences
+
+    prefix = write_pair(tmp_path, [f"first {i}" for i in range(500)] + [f"second {i}" for i in range(500)],
+                        [f"erste {i}" for i in range(500)] + [f"zweite {i}" for i in range(500)])
+    sample = sample_sentences(config(train_files=prefix).data, 200)
+    assert len(sample) == 200 and len(set(sample)) == 200
+    late = sum(s.startswith(("second", "zweite")) for s in sample)
+    assert 60 <= late <= 140  # about half from the second half, not the first 200 sentences
+
+
+def test_prefetch_reports_the_position_of_the_last_batch_taken(tmp_path, multi30k_dir, multi30k_tokenizer):
+    from jaxformer.data import Prefetcher
+
+    cfg = m30k(multi30k_dir, pack=True)
+    plain = iterator(cfg, multi30k_tokenizer)
+    ahead = Prefetcher(iterator(cfg, multi30k_tokenizer), depth=3)
+    for _ in range(7):
+        assert_same_batches([next(ahead)], [next(plain)])
+    time.sleep(0.3)  # the thread is batches ahead by now
+    assert ahead.state_dict() == plain.state_dict()
+    resumed = Prefetcher(iterator(cfg, multi30k_tokenizer), depth=3)
+    resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
+    assert_same_batches([next(resumed) for _ in range(5)], [next(plain) for _ in range(5)])
+    ahead.close()
+    resumed.close()
+    failing = Prefetcher(iterator(config(train_files=write_pair(tmp_path, [""], ["x"])), multi30k_tokenizer, "train"))
+    with pytest.raises(DataError, match="no usable examples"):
+        next(failing)
