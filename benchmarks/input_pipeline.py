@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                    # Multi30k + a generated WMT-like length distribution
     python benchmarks/input_pipeline.py --train-compare    # + the training loop vs its compiled step alone
+    python benchmarks/input_pipeline.py --grain            # + the same cache packed by grain (pip install grain)
 
 On Multi30k (`--data`, default ../shared/data/multi30k, train split) with configs/multi30k.py's batching
 (data.source=files): "first" is one pass of `make_batches` over an empty token cache (reading the text,
@@ -14,6 +15,9 @@ besides sentencepiece's.
 "wmt-like" rows batch --wmt-pairs generated pairs whose lengths look like WMT14 En-De with a 37k BPE
 (lognormal, median ~22 tokens, a tail to 256, targets ~5% longer) with configs/wmt14_base.py's batching
 (25,000 slots per side, 8 devices): padding efficiency and the number of shapes.
+
+--grain runs the cached, packed pass through grain instead (MapDataset.shuffle -> FirstFitPackIterDataset ->
+batch, one Python record per pair), then ours again beside it.
 
 --train-compare trains a small model (d_model 128, 2+2 layers) on Multi30k with `jaxformer.train.run`
 (data in a background thread, prefetched) and reports its tokens/s over the last --steps/2 steps beside
@@ -87,6 +91,38 @@ def wmt_like(pairs: int, pack: bool, seed: int = 0) -> dict:
             "real_tokens_per_s": tokens / seconds, "padding_efficiency": padding_efficiency(batches)}
 
 
+def grain_pass(cache: TokenCache, config) -> dict | None:
+    """The same cache through grain (shuffle -> first-fit packing -> batch), for comparison; None without grain."""
+    try:
+        import grain
+        import grain.experimental as grain_experimental
+    except ImportError:
+        print("# grain is not installed (pip install grain): no grain row", flush=True)
+        return None
+
+    class Pairs:  # grain's random-access source over the memory-mapped cache
+        def __len__(self):
+            return len(cache)
+
+        def __getitem__(self, i):
+            s = cache.src_tokens[cache.src_offsets[i]:cache.src_offsets[i + 1]]
+            t = cache.tgt_tokens[cache.tgt_offsets[i]:cache.tgt_offsets[i + 1]]
+            return {"src": np.append(s, 3).astype(np.int32), "tgt_out": np.append(t, 3).astype(np.int32)}
+
+    length = max(config.data.bucket_lengths)
+    rows = config.data.tokens_per_batch // length
+    ds = grain.MapDataset.source(Pairs()).shuffle(seed=0).to_iter_dataset()
+    ds = grain_experimental.FirstFitPackIterDataset(ds, length_struct={"src": length, "tgt_out": length},
+                                                     num_packing_bins=rows).batch(rows)
+    start = time.perf_counter()
+    batches = list(ds)
+    seconds = time.perf_counter() - start
+    tokens = real_tokens(batches)
+    return {"corpus": "multi30k", "pass": "cached-grain", "pack": True, "pairs": len(cache), "batches": len(batches),
+            "shapes": len({b["src"].shape for b in batches}), "real_tokens": tokens, "seconds": seconds,
+            "real_tokens_per_s": tokens / seconds, "padding_efficiency": padding_efficiency(batches)}
+
+
 def train_compare(config, vocab_path: str, workdir: str, steps: int) -> list[dict]:
     """The loop's tokens/s (train.run) beside the compiled update alone on the same batches."""
     import jax
@@ -137,8 +173,9 @@ def main(argv=None):
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     parser.add_argument("--repeats", type=int, default=3, help="cached passes timed (the median is printed)")
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--wmt-pairs", type=int, default=300_000)
+    parser.add_argument("--wmt-pairs", type=int, default=200_000)
     parser.add_argument("--train-compare", action="store_true")
+    parser.add_argument("--grain", action="store_true", help="also pack the cache with grain, for comparison")
     parser.add_argument("--steps", type=int, default=40, help="with --train-compare: loop steps (timed: the last half)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="input_pipeline-") as tmp:
@@ -156,6 +193,12 @@ def main(argv=None):
         for pack in (True, False):
             runs = [one_pass(config, tokenizer, "cached", pack) for _ in range(args.repeats)]
             rows.append(sorted(runs, key=lambda r: r["real_tokens_per_s"])[len(runs) // 2])
+        if args.grain:
+            config.data.pack = True
+            it = make_batches(config, tokenizer, "train", repeat=False, shuffle=True, process_index=0,
+                              process_count=1)
+            rows += [row for row in [grain_pass(it.cache, config)] if row]
+            rows.append(one_pass(config, tokenizer, "cached", True))  # beside it, under the same load
         rows += [wmt_like(args.wmt_pairs, pack) for pack in (True, False)]
         if args.train_compare:
             rows += train_compare(config, tokenizer.path, os.path.join(tmp, "train"), args.steps)

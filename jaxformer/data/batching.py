@@ -146,7 +146,6 @@ class BatchIterator:
         self._pending: list[list[int]] = [[] for _ in self.lengths]  # per bucket; pack: the carry, last
         self._ready: list[tuple[int, list[int]]] = []  # (bucket, pairs) batches formed, not yet emitted
         self._exhausted = False       # without repeat: the split has been read
-        self._finished = False
         self._order_epoch = -1
         self.stats = {reason: 0 for reason in SKIP_REASONS}
 
@@ -164,7 +163,6 @@ class BatchIterator:
             "pending": [_encode_ints(p) for p in self._pending],
             "ready": [[b, _encode_ints(items)] for b, items in self._ready],
             "exhausted": self._exhausted,
-            "finished": self._finished,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,7 +181,7 @@ class BatchIterator:
         self.epoch, self._pos, self.batches = int(state["epoch"]), int(state["position"]), int(state["batches"])
         self._pending = [_decode_ints(p) for p in state["pending"]]
         self._ready = [(int(b), _decode_ints(items)) for b, items in state["ready"]]
-        self._exhausted, self._finished = bool(state["exhausted"]), bool(state["finished"])
+        self._exhausted = bool(state["exhausted"])
         if not self.pack:  # another device count or budget changes B: re-split what waits
             waiting = [list(items) for _, items in self._ready]
             for (b, _), items in zip(self._ready, waiting):
@@ -202,10 +200,10 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        self.cache  # noqa: B018  (the first pass, on the first batch)
+        if self._cache is None:
+            self.cache  # noqa: B018  (opening it runs the first pass)
         batch = self._next_packed() if self.pack else self._next_bucketed()
         if batch is None:
-            self._finished = True
             raise StopIteration
         self.batches += 1
         return batch
