@@ -21,8 +21,8 @@ batch, one Python record per pair), then ours again beside it.
 
 --train-compare trains a small model (d_model 128, 2+2 layers) on Multi30k with `jaxformer.train.run`
 (data in a background thread, prefetched) and reports its tokens/s over the last --steps/2 steps beside
-the same compiled update run alone on the same batches, already on the device (median of two runs,
-before and after the loop): the loop's cost over the bare step.
+the same compiled update run alone on the same batches, already on the device (median of three runs,
+one before and two after the loop): the loop's cost over the bare step.
 """
 
 from __future__ import annotations
@@ -57,19 +57,25 @@ def real_tokens(batches) -> int:
     return sum(int(np.count_nonzero(b["src"])) + int(np.count_nonzero(b["tgt_out"])) for b in batches)
 
 
+def measure(batches, **row) -> dict:
+    """Run `batches` to their end: `row` with the time, real tokens/s, padding efficiency and shape count."""
+    start = time.perf_counter()
+    batches = list(batches)
+    seconds = time.perf_counter() - start
+    tokens = real_tokens(batches)
+    return {**row, "batches": len(batches), "shapes": len({(b["src"].shape, b["tgt_out"].shape) for b in batches}),
+            "real_tokens": tokens, "seconds": seconds, "real_tokens_per_s": tokens / seconds,
+            "padding_efficiency": padding_efficiency(batches)}
+
+
 def one_pass(config, tokenizer, label: str, pack: bool) -> dict:
     config.data.pack = pack
     start = time.perf_counter()
     it = make_batches(config, tokenizer, "train", repeat=False, shuffle=True, num_devices=1, process_index=0,
                       process_count=1)
-    opened = time.perf_counter()
-    batches = list(it)
-    seconds = time.perf_counter() - opened
-    tokens = real_tokens(batches)
-    return {"corpus": "multi30k", "pass": label, "pack": pack, "pairs": len(it.cache), "batches": len(batches),
-            "shapes": len({(b["src"].shape, b["tgt_out"].shape) for b in batches}), "real_tokens": tokens,
-            "seconds": seconds, "startup_s": opened - start, "real_tokens_per_s": tokens / seconds,
-            "padding_efficiency": padding_efficiency(batches)}
+    startup = time.perf_counter() - start
+    row = measure(it, corpus="multi30k", **{"pass": label}, pack=pack, startup_s=startup)
+    return {**row, "pairs": len(it.cache)}
 
 
 def wmt_like(pairs: int, pack: bool, seed: int = 0) -> dict:
@@ -82,13 +88,7 @@ def wmt_like(pairs: int, pack: bool, seed: int = 0) -> dict:
     cache = TokenCache(np.full(int(src.sum()), 7, np.int32), src, np.full(int(tgt.sum()), 9, np.int32), tgt)
     config.data.pack = pack
     it = BatchIterator(cache, config.data, repeat=False, shuffle=True, num_devices=8)
-    start = time.perf_counter()
-    batches = list(it)
-    seconds = time.perf_counter() - start
-    tokens = real_tokens(batches)
-    return {"corpus": "wmt-like", "pass": "cached", "pack": pack, "pairs": len(cache), "batches": len(batches),
-            "shapes": len({b["src"].shape for b in batches}), "real_tokens": tokens, "seconds": seconds,
-            "real_tokens_per_s": tokens / seconds, "padding_efficiency": padding_efficiency(batches)}
+    return measure(it, corpus="wmt-like", **{"pass": "cached"}, pack=pack, pairs=len(cache))
 
 
 def grain_pass(cache: TokenCache, config) -> dict | None:
@@ -114,13 +114,7 @@ def grain_pass(cache: TokenCache, config) -> dict | None:
     ds = grain.MapDataset.source(Pairs()).shuffle(seed=0).to_iter_dataset()
     ds = grain_experimental.FirstFitPackIterDataset(ds, length_struct={"src": length, "tgt_out": length},
                                                      num_packing_bins=rows).batch(rows)
-    start = time.perf_counter()
-    batches = list(ds)
-    seconds = time.perf_counter() - start
-    tokens = real_tokens(batches)
-    return {"corpus": "multi30k", "pass": "cached-grain", "pack": True, "pairs": len(cache), "batches": len(batches),
-            "shapes": len({b["src"].shape for b in batches}), "real_tokens": tokens, "seconds": seconds,
-            "real_tokens_per_s": tokens / seconds, "padding_efficiency": padding_efficiency(batches)}
+    return measure(ds, corpus="multi30k", **{"pass": "cached-grain"}, pack=True, pairs=len(cache))
 
 
 def train_compare(config, vocab_path: str, workdir: str, steps: int) -> list[dict]:
@@ -157,7 +151,10 @@ def train_compare(config, vocab_path: str, workdir: str, steps: int) -> list[dic
 
     alone = [time_calls(isolated, warmup=1, repeats=1)]
     result = run(config)
-    alone.append(time_calls(isolated, warmup=0, repeats=1))
+    alone += [time_calls(isolated, warmup=0, repeats=1) for _ in range(2)]
+    print(f"# step alone over the {len(host)} batches: {alone[0]:.2f}s before the loop, "
+          f"{alone[1]:.2f}s and {alone[2]:.2f}s after; the loop's last {len(host)} steps: "
+          f"{target_tokens / float(result['train_tokens_per_sec']):.2f}s", flush=True)
     alone_rate = target_tokens / float(np.median(alone))
     loop_rate = float(result["train_tokens_per_sec"])
     return [{"corpus": "multi30k", "pass": "train-loop", "pack": True, "steps": steps // 2,

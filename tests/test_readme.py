@@ -52,6 +52,7 @@ RULES = [
     (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
+    (r"^python benchmarks/input_pipeline\.py", "--repeats 1 --wmt-pairs 2000 --vocab-size 500 --steps 4"),
     (r"^(echo .*\| )?jaxformer ", ""),
     (r"^python -m jaxformer\.", ""),
 ]
@@ -148,6 +149,10 @@ def test_readme_commands_and_snippets_run(sandbox):
     translate_stdin = next(o for c, o in outputs.items() if c.startswith("echo"))
     assert len(translate_stdin.strip().splitlines()) == 1
     assert any("tokens_per_s" in o for c, o in outputs.items() if "train_throughput" in c)
+    pipeline = [o for c, o in outputs.items() if "input_pipeline" in c]
+    assert pipeline and all('"pass": "first"' in o and '"pass": "cached"' in o and "padding_efficiency" in o
+                            for o in pipeline)
+    assert any('"loop_over_alone"' in o for o in pipeline)
 
     blocks = readme_blocks("python")
     assert blocks, "README shows no Python"
