@@ -14,6 +14,7 @@ the cache on every later one (pass `encoded=None` then).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Mapping
 
@@ -26,6 +27,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _POSITIONAL = ("sinusoidal", "learned")
 _NORMS = ("post", "pre")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention: head size a multiple of 8, <= 128 (256 on Hopper and later)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,30 +165,96 @@ def _combine(*masks):
     return out
 
 
+def accelerator_platform() -> str:
+    """"cuda", "rocm", "tpu" or "cpu": the default backend, with GPUs told apart by their runtime."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    try:
+        version = jax.devices()[0].client.platform_version.lower()
+    except Exception:  # noqa: BLE001 - an unknown runtime is treated as not-CUDA (XLA attention)
+        return "gpu"
+    return "rocm" if "rocm" in version else "cuda"
+
+
+def choose_attention_impl(requested: str, *, platform: str, dtype, head_dim_k: int, head_dim_v: int,
+                          structured_mask: bool = True, needs_weights: bool = False) -> tuple[str, str]:
+    """(implementation, why) for one attention: "cudnn", "xla" or "einsum".
+
+    "auto" takes cuDNN's fused flash attention on a CUDA GPU when it applies: bf16/fp16 compute, d_k == d_v,
+    a head size that is a multiple of 8 and at most 128, and a mask cuDNN can express without a dense
+    tensor (`structured_mask`: causal and/or right padding given as sequence lengths; packed segments are
+    not). Otherwise XLA's `dot_product_attention`. The explicit formula ("einsum") is needed when the
+    attention weights themselves are (dropout on them, recording them for plots) or when d_k != d_v.
+    """
+    if requested not in _ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl: unknown option {requested!r}; choose one of "
+                         f"{', '.join(_ATTENTION_IMPLS)}")
+    if requested == "einsum":
+        return "einsum", "requested"
+    if needs_weights:
+        return "einsum", "the attention weights are needed (attention dropout or recorded weights)"
+    if head_dim_k != head_dim_v:
+        return "einsum", f"d_k={head_dim_k} != d_v={head_dim_v}"
+    if requested != "auto":
+        return requested, "requested"
+    if platform != "cuda":
+        return "xla", f"no CUDA GPU (platform {platform})"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+        return "xla", f"cuDNN needs bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
+    if head_dim_k % 8 or head_dim_k > _CUDNN_MAX_HEAD_DIM:
+        return "xla", f"cuDNN needs a head size that is a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, got {head_dim_k}"
+    if not structured_mask:
+        return "xla", "the mask is not causal/padding (packed segments or a decode step)"
+    return "cudnn", "CUDA GPU, half precision, supported head size and mask"
+
+
+_LOGGED_CHOICES: set = set()
+
+
+def _log_choice(where: str, impl: str, why: str) -> None:
+    """Log once per (attention kind, implementation, reason): it runs at trace time, once per compile."""
+    if (where, impl, why) not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add((where, impl, why))
+        log.info("attention %s: %s implementation (%s)", where, impl, why)
+
+
 def scaled_dot_product_attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
-                                 deterministic=True, impl="einsum", sow=None):
+                                 deterministic=True, impl="einsum", sow=None, is_causal=False,
+                                 key_lengths=None, structured=None, where="attention"):
     """softmax(Q Kᵀ / √d_k) V (Eq. 1) for query [B,T,H,K], key [B,S,H,K], value [B,S,H,V], mask [B|1,1|H,T,S].
 
-    `impl` "auto"/"xla"/"cudnn" go through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU
-    when it applies); "einsum" is the explicit formula, used when attention weights are needed (dropout
-    on them, or `sow` to record them for plots) or when d_k != d_v.
+    `mask` is always the full boolean mask. `is_causal` and `key_lengths` [B] (keys at positions >= length
+    are padding) describe the same mask structurally, for cuDNN, which then needs no dense mask;
+    `structured` says whether they describe it exactly (default: when either is given, or there is no mask).
+    `impl` is the config's attention_impl, resolved by `choose_attention_impl`.
     """
-    fused_ok = (impl != "einsum" and query.shape[-1] == value.shape[-1]
-                and (deterministic or dropout_rate == 0.0) and sow is None)
-    if fused_ok:
-        implementation = None if impl == "auto" else impl
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+    if structured is None:
+        structured = mask is None or is_causal or key_lengths is not None
+    needs_weights = sow is not None or (not deterministic and dropout_rate > 0.0)
+    chosen, why = choose_attention_impl(impl, platform=accelerator_platform(), dtype=query.dtype,
+                                        head_dim_k=query.shape[-1], head_dim_v=value.shape[-1],
+                                        structured_mask=structured, needs_weights=needs_weights)
+    _log_choice(where, chosen, why)
+    if chosen == "cudnn" and structured:
+        lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
+        return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    if chosen in ("cudnn", "xla"):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=chosen)
     depth = query.shape[-1]
-    logits = jnp.einsum("bthk,bshk->bhts", query, key) / jnp.sqrt(depth).astype(query.dtype)  # [B,H,T,S]
+    logits = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)  # [B,H,T,S]
+    logits = logits / jnp.sqrt(jnp.float32(depth))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(query.dtype)
+    weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
     if sow is not None:
         sow(weights)
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(weights.dtype)
-    return jnp.einsum("bhts,bshv->bthv", weights, value)  # [B,T,H,V]
+    out = jnp.einsum("bhts,bshv->bthv", weights, value, preferred_element_type=jnp.float32)  # [B,T,H,V]
+    return out.astype(query.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -198,7 +269,10 @@ class MultiHeadAttention(nn.Module):
     record_weights: bool = False
 
     @nn.compact
-    def __call__(self, x, memory=None, mask=None, *, deterministic=True, decode=False):
+    def __call__(self, x, memory=None, mask=None, *, deterministic=True, decode=False, is_causal=False,
+                 key_lengths=None):
+        """`mask` is the full boolean mask; `is_causal` / `key_lengths` [B] restate it for cuDNN (see
+        `scaled_dot_product_attention`); decode steps use the mask alone."""
         cfg = self.config
         h, dk, dv = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v
         dense = lambda feats, name: nn.DenseGeneral(  # noqa: E731
@@ -249,9 +323,12 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and cfg.attention_dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
+        structured = None if not decode else False
         out = scaled_dot_product_attention(
             query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=cfg.attention_dropout_rate,
-            deterministic=deterministic, impl=cfg.attention_impl, sow=sow)
+            deterministic=deterministic, impl=cfg.attention_impl, sow=sow, is_causal=is_causal,
+            key_lengths=key_lengths, structured=structured,
+            where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                                kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
 
@@ -293,11 +370,12 @@ class EncoderLayer(nn.Module):
     record_weights: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic=True):
+    def __call__(self, x, mask, *, deterministic=True, key_lengths=None):
         cfg = self.config
         attn = MultiHeadAttention(cfg, "self", self.record_weights, name="self_attention")
         x = SubLayer(cfg, name="attention_block")(
-            lambda y: attn(y, mask=mask, deterministic=deterministic), x, deterministic=deterministic)
+            lambda y: attn(y, mask=mask, deterministic=deterministic, key_lengths=key_lengths), x,
+            deterministic=deterministic)
         ffn = FeedForward(cfg, name="ffn")
         return SubLayer(cfg, name="ffn_block")(
             lambda y: ffn(y, deterministic=deterministic), x, deterministic=deterministic)
@@ -308,15 +386,18 @@ class DecoderLayer(nn.Module):
     record_weights: bool = False
 
     @nn.compact
-    def __call__(self, y, memory, self_mask, cross_mask, *, deterministic=True, decode=False):
+    def __call__(self, y, memory, self_mask, cross_mask, *, deterministic=True, decode=False, is_causal=False,
+                 memory_lengths=None):
         cfg = self.config
         self_attn = MultiHeadAttention(cfg, "self", self.record_weights, name="self_attention")
         y = SubLayer(cfg, name="self_attention_block")(
-            lambda z: self_attn(z, mask=self_mask, deterministic=deterministic, decode=decode),
+            lambda z: self_attn(z, mask=self_mask, deterministic=deterministic, decode=decode,
+                                is_causal=is_causal),
             y, deterministic=deterministic)
         cross_attn = MultiHeadAttention(cfg, "cross", self.record_weights, name="cross_attention")
         y = SubLayer(cfg, name="cross_attention_block")(
-            lambda z: cross_attn(z, memory, mask=cross_mask, deterministic=deterministic, decode=decode),
+            lambda z: cross_attn(z, memory, mask=cross_mask, deterministic=deterministic, decode=decode,
+                                 key_lengths=memory_lengths),
             y, deterministic=deterministic)
         ffn = FeedForward(cfg, name="ffn")
         return SubLayer(cfg, name="ffn_block")(
@@ -354,6 +435,24 @@ class Embedder(nn.Module):
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
+def output_logits(y: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """y [B,T,D] @ kernel [D,vocab] -> float32 logits: compute-dtype inputs, float32 accumulation and output
+    (bfloat16 logits would round the loss and the search scores)."""
+    return jnp.einsum("btd,dv->btv", y.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class OutputProjection(nn.Module):
+    """The untied pre-softmax projection (model.tie_output=False); parameters as nn.Dense's (a "kernel")."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, y):
+        cfg = self.config
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (cfg.d_model, cfg.vocab_size), jnp.float32)
+        return output_logits(y, kernel, cfg.compute_dtype)
+
+
 class Transformer(nn.Module):
     """Encoder–decoder Transformer (Figure 1). `__call__(src, tgt_in)` returns float32 logits [B,T,vocab]."""
 
@@ -378,20 +477,21 @@ class Transformer(nn.Module):
             self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
             self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
         if not cfg.tie_output:
-            self.output_projection = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                              param_dtype=jnp.float32, name="output_projection")
+            self.output_projection = OutputProjection(cfg, name="output_projection")
 
     def encode(self, src, *, src_segments=None, src_positions=None, deterministic=True):
         """src [B,S] int tokens (PAD = config.pad_id) -> encoded [B,S,D]."""
         cfg = self.config
         src_valid = src != cfg.pad_id
+        lengths = None  # right padding as lengths, for cuDNN; packed segments have only the dense mask
         if src_segments is not None:
             mask = segment_mask(src_segments, src_segments)
         else:
             mask = padding_mask(None, src_valid)
+            lengths = jnp.sum(src_valid, axis=-1)
         x = self.encoder_embedder(src, src_positions, deterministic=deterministic)
         for layer in self.encoder_layers:
-            x = layer(x, mask, deterministic=deterministic)
+            x = layer(x, mask, deterministic=deterministic, key_lengths=lengths)
         if cfg.norm == "pre":
             x = self.encoder_norm(x)
         return x
@@ -404,6 +504,10 @@ class Transformer(nn.Module):
         encoder output on the first step and encoded=None afterwards (its keys/values are then cached).
         """
         cfg = self.config
+        # Structured restatements of the masks, for cuDNN (right padding): causal alone matches the dense
+        # self-attention mask on every real target position (padding comes after them, so a causal real
+        # query never sees it); padded positions carry no loss.
+        is_causal, memory_lengths = False, None
         if decode:
             self_mask = None  # the cache's own step mask applies
             cross_mask = src_mask[:, None, None, :]
@@ -413,16 +517,16 @@ class Transformer(nn.Module):
         else:
             self_mask = _combine(causal_mask(tgt_in.shape[1]), padding_mask(None, tgt_in != cfg.pad_id))
             cross_mask = src_mask[:, None, None, :]
+            is_causal, memory_lengths = True, jnp.sum(src_mask, axis=-1)
         y = self.decoder_embedder(tgt_in, tgt_positions, deterministic=deterministic, decode=decode)
         for layer in self.decoder_layers:
-            y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode)
+            y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
+                      is_causal=is_causal, memory_lengths=memory_lengths)
         if cfg.norm == "pre":
             y = self.decoder_norm(y)
-        if cfg.tie_output:
-            logits = self.target_embed.attend(y)  # the pre-softmax projection shares the embedding (3.4)
-        else:
-            logits = self.output_projection(y)
-        return logits.astype(jnp.float32)
+        if cfg.tie_output:  # the pre-softmax projection shares the embedding (3.4)
+            return output_logits(y, self.target_embed.embedding.T, cfg.compute_dtype)
+        return self.output_projection(y)
 
     def __call__(self, src, tgt_in, *, src_segments=None, tgt_segments=None, src_positions=None,
                  tgt_positions=None, deterministic=True):

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.model import (Transformer, TransformerConfig, count_params, init_cache, init_params,
-                             sinusoidal_positions)
+from jaxformer import model as model_lib
+from jaxformer.model import (Transformer, TransformerConfig, choose_attention_impl, count_params, init_cache,
+                             init_params, sinusoidal_positions)
 
 TINY = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=2,
                          num_decoder_layers=2, max_len=32)
@@ -153,6 +154,63 @@ def test_bfloat16_compute_keeps_float32_parameters():
     high = Transformer(TINY).apply(params, src, tgt)
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(low, high, atol=0.15)
+
+
+def test_bfloat16_logits_are_not_rounded_to_bfloat16():
+    # The output projection accumulates and returns float32: its values are not all bfloat16 numbers.
+    for changes in (dict(), dict(share_embeddings=False, tie_output=False)):
+        cfg = dataclasses.replace(TINY, dtype="bfloat16", **changes)
+        logits = np.asarray(Transformer(cfg).apply(init_params(cfg, jax.random.key(0)),
+                                                   jnp.array([[5, 6, 7, 3]]), jnp.array([[2, 9, 10, 11]])))
+        assert logits.dtype == np.float32
+        assert np.mean(logits != logits.astype(jnp.bfloat16).astype(np.float32)) > 0.5
+
+
+@pytest.mark.parametrize("platform, dtype, head, extra, expected", [
+    ("cuda", jnp.bfloat16, 64, {}, "cudnn"),
+    ("cuda", jnp.float16, 128, {}, "cudnn"),
+    ("cuda", jnp.float32, 64, {}, "xla"),             # cuDNN flash attention is half precision only
+    ("cpu", jnp.bfloat16, 64, {}, "xla"),
+    ("rocm", jnp.bfloat16, 64, {}, "xla"),
+    ("cuda", jnp.bfloat16, 60, {}, "xla"),            # head size not a multiple of 8
+    ("cuda", jnp.bfloat16, 256, {}, "xla"),           # head size above 128
+    ("cuda", jnp.bfloat16, 64, dict(structured_mask=False), "xla"),   # packed segments: dense mask only
+    ("cuda", jnp.bfloat16, 64, dict(needs_weights=True), "einsum"),   # attention dropout / recorded weights
+    ("cuda", jnp.bfloat16, 64, dict(head_dim_v=32), "einsum"),        # d_k != d_v
+])
+def test_auto_attention_takes_cudnn_exactly_when_it_applies(platform, dtype, head, extra, expected):
+    kw = dict(platform=platform, dtype=dtype, head_dim_k=head, head_dim_v=head)
+    kw.update(extra)
+    impl, why = choose_attention_impl("auto", **kw)
+    assert impl == expected and why
+    assert choose_attention_impl("xla", **kw)[0] == ("einsum" if expected == "einsum" else "xla")
+    assert choose_attention_impl("einsum", **kw)[0] == "einsum"
+
+
+def test_cudnn_sequence_lengths_restate_the_padding_masks(monkeypatch, caplog):
+    # Pretend to be on a CUDA GPU and run "cudnn" calls through XLA with the same structured arguments
+    # (causal + key lengths, no dense mask): the logits at real target positions equal the dense-mask ones.
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(2))
+    src = jnp.array([[5, 6, 7, 3, 0, 0], [8, 9, 3, 0, 0, 0]])
+    tgt = jnp.array([[2, 9, 10, 11, 0], [2, 12, 0, 0, 0]])
+    dense = Transformer(dataclasses.replace(cfg, attention_impl="xla")).apply(params, src, tgt)
+    calls = []
+    real_attention = jax.nn.dot_product_attention
+
+    def fake_cudnn(*args, implementation=None, **kw):
+        calls.append((implementation, kw.get("mask") is None, kw.get("is_causal", False)))
+        return real_attention(*args, implementation="xla" if implementation == "cudnn" else implementation, **kw)
+
+    monkeypatch.setattr(model_lib, "accelerator_platform", lambda: "cuda")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    with caplog.at_level("INFO", logger="jaxformer.model"):
+        structured = Transformer(cfg).apply(params, src, tgt)
+    assert calls and all(impl == "cudnn" and no_mask for impl, no_mask, _ in calls)
+    assert sum(causal for *_, causal in calls) == cfg.num_decoder_layers
+    assert "cudnn implementation" in caplog.text
+    real = np.asarray(tgt != 0)
+    np.testing.assert_allclose(np.asarray(structured)[real], np.asarray(dense)[real], atol=2e-2)
 
 
 @pytest.mark.parametrize("changes, message", [
