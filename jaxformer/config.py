@@ -3,9 +3,13 @@
 `default_config()` holds every key with its default; a recipe starts from it and
 overrides what it changes, so a typo in a recipe or on the command line
 (`--config.train.stpes=10`) is an error rather than a silently ignored value.
+`decode_settings` merges and checks the decode section; it lives here (not in
+translate.py) so that export and translate both use it without importing each other.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import ml_collections
 
@@ -104,3 +108,21 @@ def default_config() -> ml_collections.ConfigDict:
     dc.max_extra_len = 50           # output at most input length + this
     dc.batch_size = 64
     return c
+
+
+def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:
+    """The decode section's defaults, updated by `decode_cfg` (a ConfigDict or dict), then by non-None overrides."""
+    settings = default_config().decode.to_dict()
+    if decode_cfg is not None:
+        items = decode_cfg.to_dict() if hasattr(decode_cfg, "to_dict") else dict(decode_cfg)
+        settings.update(items)
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise TypeError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(settings))}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("beam_size", "batch_size"):
+        if int(settings[key]) < 1:
+            raise ValueError(f"decode.{key} must be >= 1, got {settings[key]}")
+    if int(settings["max_extra_len"]) < 0:
+        raise ValueError(f"decode.max_extra_len must be >= 0, got {settings['max_extra_len']}")
+    return settings

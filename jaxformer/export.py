@@ -90,7 +90,7 @@ def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer,
     save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     tokenizer.save(str(out / VOCAB_FILE))
 
-    from jaxformer.translate import decode_settings as checked_decode_settings
+    from jaxformer.config import decode_settings as checked_decode_settings
 
     decode_settings = checked_decode_settings(_plain(decode or {}))
     meta: dict[str, Any] = {

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxformer.config import decode_settings
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.model import Transformer
 
@@ -33,26 +34,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _DECODE_KEYS = ("beam_size", "length_penalty", "max_extra_len", "batch_size")
-
-
-def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:
-    """The decode section's defaults, updated by `decode_cfg` (a ConfigDict or dict), then by non-None overrides."""
-    from jaxformer.config import default_config
-
-    settings = default_config().decode.to_dict()
-    if decode_cfg is not None:
-        items = decode_cfg.to_dict() if hasattr(decode_cfg, "to_dict") else dict(decode_cfg)
-        settings.update(items)
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise TypeError(f"unknown decode option(s) {', '.join(unknown)}; known: {', '.join(sorted(settings))}")
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("beam_size", "batch_size"):
-        if int(settings[key]) < 1:
-            raise ValueError(f"decode.{key} must be >= 1, got {settings[key]}")
-    if int(settings["max_extra_len"]) < 0:
-        raise ValueError(f"decode.max_extra_len must be >= 0, got {settings['max_extra_len']}")
-    return settings
 
 
 def _bucket(length: int, cap: int) -> int:

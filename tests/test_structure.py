@@ -1,0 +1,79 @@
+"""The package's shape: data flows one way, so no two jaxformer modules import each other.
+
+Every import in jaxformer/ counts, the lazy ones inside functions too (they still tie the modules
+together; they only hide the circle from Python's import-time check).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxformer"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the jaxformer modules it imports anywhere in its source (a submodule named in
+    `from pkg import sub` counts as that submodule)."""
+    files = {_module_name(p): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against this module's package
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                           for alias in node.names]
+            for target in targets:
+                while target and target not in files:  # `import jaxformer.a.b` with b a function: a
+                    target = target.rpartition(".")[0]
+                if target and target != name and target != "jaxformer":
+                    graph[name].add(target)
+    return graph
+
+
+def test_the_graph_sees_lazy_imports():
+    graph = import_graph()
+    assert "jaxformer.model" in graph["jaxformer.translate"]    # at the top of the file
+    assert "jaxformer.checkpoint" in graph["jaxformer.translate"]  # inside load_translator
+
+
+def test_no_two_jaxformer_modules_import_each_other():
+    graph = import_graph()
+    pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())})
+    assert not pairs, f"modules importing each other (move what both need to a third module): {pairs}"
+
+
+def test_the_imports_form_no_longer_circle_either():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError(f"import circle: {' -> '.join(path[path.index(dep):] + [dep])}")
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
