@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=os.path.join(REPO, "runs", "multi30k"))
-    parser.add_argument("--average-last", type=int, default=1)
+    parser.add_argument("--average-last", type=int, default=None,
+                        help="default: the run's train.average_last")
     parser.add_argument("--source", default=os.path.join(REPO, "..", "shared", "data", "multi30k", "test2016.en"))
     parser.add_argument("--limit", type=int, default=None, help="first N sentences only")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -4,14 +4,16 @@
     python benchmarks/multi30k_quality.py --steps 200          # a quick look
     python benchmarks/multi30k_quality.py --skip-training      # only re-score an existing run
 
-Prints, as JSON lines and a table: training wall-clock time, steps, and sacreBLEU (with its signature)
-on Multi30k test2016 En->De for the averaged last checkpoints with beam 4 / alpha 0.6 (the paper's
-search) and with greedy search. Hypotheses and scores are also written to <workdir>/eval_*.
+Prints, as JSON lines and a table: training wall-clock time, steps, and cased sacreBLEU with, beside it,
+lowercased sacreBLEU (each with its signature) on Multi30k test2016 En->De for the run's averaged last
+`train.average_last` checkpoints, with beam 4 / alpha 0.6 (the paper's search) and with greedy search.
+Hypotheses and scores are also written to <workdir>/eval_*.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -70,14 +72,17 @@ def main(argv=None):
         rows.append({"what": "train", "steps": result["step"], "minutes": minutes,
                      "valid_bleu_sample": result.get("valid_avg_bleu", result.get("valid_bleu")),
                      "valid_ppl": result.get("valid_avg_ppl", result.get("valid_ppl"))})
-    k = config.train.average_last
     for name, beam in (("beam4", config.decode.beam_size), ("greedy", 1)):
         out = os.path.join(args.workdir, f"eval_{name}")
-        bleu = run_evaluation(args.workdir, out, split="test", average_last=k,
+        bleu = run_evaluation(args.workdir, out, split="test",  # averages the run's last train.average_last
                               decode_overrides={"beam_size": beam}, limit=args.eval_limit)
-        rows.append({"what": f"test2016 {name}", "average_last": k, "bleu": bleu.score,
-                     "signature": bleu.signature, "sentences": bleu.num_sentences})
-    report(rows, ["what", "steps", "minutes", "average_last", "bleu", "valid_ppl", "signature"])
+        info = json.loads(open(os.path.join(out, "bleu.json")).read())
+        rows.append({"what": f"test2016 {name}", "average_last": info["average_last"], "bleu": bleu.score,
+                     "bleu_lc": bleu.lowercased.score, "signature": bleu.signature,
+                     "signature_lc": bleu.lowercased.signature, "sentences": bleu.num_sentences,
+                     "checkpoint_steps": info["checkpoint_steps"]})
+    report(rows, ["what", "steps", "minutes", "average_last", "bleu", "bleu_lc", "valid_ppl", "signature",
+                  "signature_lc"])
 
 
 if __name__ == "__main__":

@@ -336,6 +336,16 @@ def load_params(workdir: str | os.PathLike, *, step: int | None = None, average_
     `average_last=K` averages the K newest readable checkpoints up to `step`, as the paper does for its
     final models. Unreadable checkpoints are logged and skipped.
     """
+    return load_averaged(workdir, step=step, average_last=average_last)[0]
+
+
+def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1,
+                  allow_fewer: bool = False) -> tuple[Any, list[int]]:
+    """`load_params`, and the checkpoint steps it averaged (ascending).
+
+    With `allow_fewer`, a run that kept fewer readable checkpoints than `average_last` averages those it
+    has (with a warning) instead of failing: what a default should do; an explicit request fails.
+    """
     if average_last < 1:
         raise ValueError(f"average_last must be >= 1, got {average_last}")
     directory = pathlib.Path(workdir) / CHECKPOINT_DIR
@@ -359,20 +369,35 @@ def load_params(workdir: str | os.PathLike, *, step: int | None = None, average_
                 skipped.append(s)
                 continue
             used.append(s)
+    used.sort()
+    unreadable = f" ({len(skipped)} unreadable: {skipped})" if skipped else ""
     if len(used) < average_last:
-        unreadable = f" ({len(skipped)} unreadable: {skipped})" if skipped else ""
-        raise CheckpointError(f"{directory} has {len(used)} readable checkpoint(s){unreadable}, fewer than the "
-                              f"{average_last} asked for; lower average_last, train longer, or keep more "
-                              f"(train.keep_checkpoints)")
-    if skipped:
-        log.warning("used checkpoint steps %s, skipped unreadable %s", sorted(used), skipped)
+        if not (allow_fewer and used):
+            raise CheckpointError(f"{directory} has {len(used)} readable checkpoint(s){unreadable}, fewer than the "
+                                  f"{average_last} asked for; lower average_last, train longer, or keep more "
+                                  f"(train.keep_checkpoints)")
+        log.warning("%s has only %d readable checkpoint(s)%s of the %d to average; averaging steps %s",
+                    directory, len(used), unreadable, average_last, used)
+    elif skipped:
+        log.warning("used checkpoint steps %s, skipped unreadable %s", used, skipped)
     elif average_last > 1:
-        log.info("averaged the parameters of checkpoint steps %s", sorted(used))
-    return mean.result()
+        log.info("averaged the parameters of checkpoint steps %s", used)
+    return mean.result(), used
 
 
 def load_model(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1):
     """(model, params, tokenizer) of a trained run: its config, vocabulary and (averaged) parameters."""
+    return load_run_model(workdir, step=step, average_last=average_last)[:3]
+
+
+def load_run_model(workdir: str | os.PathLike, *, step: int | None = None, average_last: int | None = None):
+    """(model, params, tokenizer, averaged checkpoint steps) of a trained run.
+
+    `average_last=None` is the run's own default: the average of its last `train.average_last` checkpoints
+    (from its config.json; fewer if fewer were kept), or with `step` that step's checkpoint alone. An
+    explicit `average_last` must be met. This is what `jaxformer translate/evaluate/export` load: the
+    paper reports averaged models.
+    """
     from jaxformer.data import get_tokenizer
     from jaxformer.model import Transformer, TransformerConfig
 
@@ -381,13 +406,19 @@ def load_model(workdir: str | os.PathLike, *, step: int | None = None, average_l
     if not vocab.is_file():
         raise CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
     tokenizer = get_tokenizer(config, str(workdir))
-    params = load_params(workdir, step=step, average_last=average_last)
+    default = average_last is None
+    if default:
+        average_last = 1 if step is not None else max(1, int(config.train.average_last))
+    params, steps = load_averaged(workdir, step=step, average_last=average_last, allow_fewer=default)
+    if default and average_last > 1:
+        log.info("%s: averaged checkpoint steps %s (the run's train.average_last=%d; --average-last overrides)",
+                 workdir, steps, average_last)
     embedding_rows = _vocab_rows(params)
     if embedding_rows is not None and embedding_rows != tokenizer.vocab_size:
         raise CheckpointError(f"{vocab} has {tokenizer.vocab_size} pieces but the checkpoint's embedding has "
                               f"{embedding_rows} rows: the vocabulary does not belong to this run")
     model = Transformer(TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size))
-    return model, params, tokenizer
+    return model, params, tokenizer, steps
 
 
 def _vocab_rows(params: Any) -> int | None:

@@ -8,7 +8,8 @@
                              [--layers -1] [--heads 0,1] --out attention.png
     jaxformer average --workdir RUN --last K --out DIR       (orbax params; see jaxformer.checkpoint)
 
-`--model` takes an export directory or a training workdir (detected by its contents).
+`--model` takes an export directory or a training workdir (detected by its contents). A workdir gives
+the average of its last `train.average_last` checkpoints unless --average-last or --step says otherwise.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, workdir_only: bool = False) -
     else:
         p.add_argument("--model", "--workdir", dest="model", required=True,
                        help="an export directory (config.json + params.safetensors) or a training workdir")
-    p.add_argument("--average-last", type=int, default=1, metavar="K",
-                   help="average the parameters of the K newest checkpoints (workdir only; paper: 5 base, 20 big)")
-    p.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (workdir only)")
+    p.add_argument("--average-last", type=int, default=None, metavar="K",
+                   help="average the parameters of the K newest checkpoints (workdir only; default: the run's "
+                        "train.average_last, fewer if fewer were kept; paper: 5 base, 20 big)")
+    p.add_argument("--step", type=int, default=None,
+                   help="use the checkpoint of this step (workdir only; with --average-last K: the K up to it)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -142,8 +145,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, data_overrides=data_overrides,
                             decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize)
-    print(result.text)
-    print(result.signature)
+    print(result.lines(), end="")
     return 0
 
 
@@ -151,13 +153,15 @@ def _cmd_export(args) -> int:
     from jaxformer import checkpoint
     from jaxformer.export import export_model
 
-    model, params, tokenizer = checkpoint.load_model(args.workdir, step=args.step, average_last=args.average_last)
+    model, params, tokenizer, steps = checkpoint.load_run_model(args.workdir, step=args.step,
+                                                                average_last=args.average_last)
     config = checkpoint.load_run_config(args.workdir)
     out = export_model(args.out, model, params, tokenizer, decode=config.decode, data=config.data,
                        bleu_tokenize=config.train.get("bleu_tokenize"),
                        jax_export=args.jax_export, jax_export_src_len=args.jax_export_src_len,
                        jax_export_platforms=args.jax_export_platforms)
-    print(f"exported {out}")
+    print(f"exported {out} (parameters of checkpoint step{'s' if len(steps) > 1 else ''} "
+          f"{', '.join(map(str, steps))}{', averaged' if len(steps) > 1 else ''})")
     return 0
 
 

@@ -126,3 +126,23 @@ def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:
     if int(settings["max_extra_len"]) < 0:
         raise ValueError(f"decode.max_extra_len must be >= 0, got {settings['max_extra_len']}")
     return settings
+
+
+def check_lengths(config: ml_collections.ConfigDict) -> None:
+    """Refuse a position table (`model.max_len`) shorter than the longest training batch.
+
+    Rows are padded to a bucket of `data.bucket_lengths`: the smallest one holding `data.max_len` (pairs
+    longer than it, or than the largest bucket, are skipped), or the largest with `data.pack`. Positions
+    past the table would otherwise surface later as a NaN loss. (Decoding caps its output at the table
+    instead: see `jaxformer.translate`.)
+    """
+    buckets = sorted(int(n) for n in config.data.bucket_lengths)
+    if not buckets:
+        return  # the data pipeline names this error
+    cap = min(int(config.data.max_len), buckets[-1])
+    longest = buckets[-1] if config.data.pack else next(n for n in buckets if n >= cap)
+    if int(config.model.max_len) < longest:
+        raise ValueError(f"model.max_len={config.model.max_len} is shorter than the longest training batch, "
+                         f"{longest} tokens (data.bucket_lengths={tuple(config.data.bucket_lengths)}, "
+                         f"data.max_len={config.data.max_len}{', data.pack=True' if config.data.pack else ''}): "
+                         f"raise model.max_len to at least {longest}, or lower data.max_len")

@@ -128,7 +128,8 @@ class MetricsLog:
 
 def fmt(values: dict) -> str:
     parts = []
-    for key in ("loss", "nll", "ppl", "accuracy", "bleu", "exact_match", "lr", "grad_norm", "tokens_per_sec"):
+    for key in ("loss", "nll", "ppl", "accuracy", "bleu", "bleu_lowercase", "exact_match", "lr", "grad_norm",
+                "tokens_per_sec"):
         if key in values:
             value = values[key]
             parts.append(f"{key} {value:.3g}" if key in ("lr", "ppl") else f"{key} {value:.4g}")

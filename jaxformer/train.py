@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
+from jaxformer.config import check_lengths
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
 from jaxformer.model import Transformer, TransformerConfig, count_params
 from jaxformer.optim import learning_rate_schedule, make_optimizer
@@ -72,16 +73,16 @@ def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
 
 def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, str]], decode_cfg, *,
                   tokenize: str = "13a") -> tuple[dict, list[str]]:
-    """Decode the sources of `pairs`; ({"bleu": sacreBLEU on the raw references, "exact_match": fraction of
-    outputs equal to their reference}, the outputs)."""
-    from jaxformer.evaluate import corpus_bleu
+    """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
+    same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
+    from jaxformer.evaluate import bleu_scores
     from jaxformer.translate import translate_texts
 
     hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)
     references = [t for _, t in pairs]
-    bleu = corpus_bleu(hypotheses, references, tokenize=tokenize or None).score
+    bleu = bleu_scores(hypotheses, references, tokenize=tokenize or None)
     exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs)
-    return {"bleu": bleu, "exact_match": exact}, hypotheses
+    return {"bleu": bleu.score, "bleu_lowercase": bleu.lowercased.score, "exact_match": exact}, hypotheses
 
 
 
@@ -176,11 +177,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Train as `config` says, resuming from `config.train.workdir` when it holds checkpoints.
 
     Returns the final metrics: step, the last training window's (train_*), validation (valid_*: loss,
-    nll, ppl, accuracy, bleu) and, with train.average_last > 1, those of the averaged checkpoints
-    (valid_avg_*). Raises TrainingError on a non-finite loss, ValueError / DataError on bad config or data,
+    nll, ppl, accuracy, bleu, bleu_lowercase) and, with train.average_last > 1, those of the averaged
+    checkpoints (valid_avg_*). Raises TrainingError on a non-finite loss, ValueError / DataError on bad config or data,
     CheckpointError when no checkpoint of the workdir restores.
     """
     check_train_config(config.train)
+    check_lengths(config)  # a position table shorter than a batch would show up as a NaN loss
     TransformerConfig.from_dict(config.model.to_dict(), vocab_size=8)  # model keys, before any slow work
     parallel.maybe_initialize_distributed(config.train.distributed)
     workdir = pathlib.Path(config.train.workdir).absolute()

@@ -8,9 +8,16 @@
 Sentences are sorted by length and decoded in batches of `decode.batch_size` rows whose source length
 is rounded up to one of `SOURCE_BUCKETS` (and whose row count is padded to a power of two below the
 batch size), so `jit` compiles a handful of shapes however many sentences come; the output keeps the
-input order. A source longer than the model's `max_len - 1` tokens is truncated (with a warning) so
-that it and its EOS fit the model's positions; an empty (or blank) sentence translates to "" without
-running the model.
+input order. An empty (or blank) sentence translates to "" without running the model.
+
+The position table (`model.max_len`) bounds both sides, and translation goes on rather than failing
+a whole file for a few long lines, with one warning per call naming the keys: a source longer than
+`max_len - 1` tokens is truncated so that it and its EOS fit; an output may hold up to its input
+length (with EOS) + `decode.max_extra_len` tokens, but never more than `model.max_len`, so where
+that sum exceeds the table the output limit is the table. The cap binds only for a translation that
+runs that long (usually a loop, not a sentence), so capping is what a user expects; to get the full
+"input + max_extra_len", train with a larger `model.max_len` (sinusoidal positions cost no parameters).
+Training refuses a table shorter than its longest batch (`jaxformer.config.check_lengths`).
 """
 
 from __future__ import annotations
@@ -54,21 +61,30 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
                   **overrides) -> list[list[int]]:
     """Token-level translation: source ids (without EOS) -> output ids (without EOS/PAD), input order kept.
 
-    Sources longer than the model's max_len - 1 are truncated with a logged warning; an empty source gives [].
+    Sources longer than the model's max_len - 1 are truncated, and outputs capped at max_len (both with one
+    logged warning naming the keys; see the module docstring); an empty source gives [].
     """
     from jaxformer import decode as decode_lib
 
     settings = decode_settings(decode_cfg, **overrides)
     config = model.config
-    limit = config.max_len - 1
-    sources = []
+    limit, extra = config.max_len - 1, int(settings["max_extra_len"])
+    sources, truncated, capped = [], [], 0
     for i, ids in enumerate(src_ids):
         ids = [int(t) for t in ids]
         if len(ids) > limit:
-            log.warning("sentence %d has %d tokens, more than the model's max_len - 1 = %d; translating only "
-                        "its first %d tokens", i, len(ids), limit, limit)
+            truncated.append((i, len(ids)))
             ids = ids[:limit]
+        capped += bool(ids) and len(ids) + 1 + extra > config.max_len
         sources.append(ids)
+    if truncated:
+        (i, n), more = truncated[0], len(truncated) - 1
+        log.warning("sentence %d has %d tokens, more than the model's max_len - 1 = %d; translating only its "
+                    "first %d tokens%s", i, n, limit, limit, f" (and {more} more sentences)" if more else "")
+    if capped:
+        log.warning("%d of %d sentences have input + decode.max_extra_len=%d longer than model.max_len=%d: their "
+                    "output is capped at %d tokens (train with a larger model.max_len to lift the cap)",
+                    capped, len(sources), extra, config.max_len, config.max_len)
     outputs: list[list[int]] = [[] for _ in sources]
     todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
     batch_size, beam_size = int(settings["batch_size"]), int(settings["beam_size"])
@@ -124,6 +140,7 @@ class Translator:
     tokenizer: Any
     decode: dict = dataclasses.field(default_factory=decode_settings)
     source: str | None = None  # where it was loaded from
+    checkpoint_steps: list[int] | None = None  # from a workdir: the checkpoints averaged into `params`
 
     def __post_init__(self):
         self.decode = decode_settings(self.decode)
@@ -132,7 +149,8 @@ class Translator:
         return iter((self.model, self.params, self.tokenizer))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, step: int | None = None, average_last: int = 1) -> "Translator":
+    def load(cls, path: str | os.PathLike, *, step: int | None = None,
+             average_last: int | None = None) -> "Translator":
         return load_translator(path, step=step, average_last=average_last)
 
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
@@ -147,13 +165,19 @@ class Translator:
     __call__ = translate
 
 
-def load_translator(path: str | os.PathLike, *, step: int | None = None, average_last: int = 1) -> Translator:
-    """Load an export directory (config.json + params.safetensors) or a training workdir (checkpoints/)."""
+def load_translator(path: str | os.PathLike, *, step: int | None = None,
+                    average_last: int | None = None) -> Translator:
+    """Load an export directory (config.json + params.safetensors) or a training workdir (checkpoints/).
+
+    A workdir gives, by default, the average of its last `train.average_last` checkpoints (the model the
+    paper reports; fewer if fewer were kept), or with `step` that checkpoint alone; an explicit
+    `average_last` wins (see `jaxformer.checkpoint.load_run_model`).
+    """
     from jaxformer import export
 
     path = pathlib.Path(path)
     if export.is_export_dir(path):
-        if step is not None or average_last != 1:
+        if step is not None or average_last not in (None, 1):
             raise ValueError(f"{path} is an exported model (one set of parameters): --step/--average-last apply "
                              f"only to a training workdir")
         model, params, tokenizer = export.load(path)
@@ -161,9 +185,9 @@ def load_translator(path: str | os.PathLike, *, step: int | None = None, average
     if (path / "checkpoints").is_dir():
         from jaxformer import checkpoint
 
-        model, params, tokenizer = checkpoint.load_model(path, step=step, average_last=average_last)
+        model, params, tokenizer, steps = checkpoint.load_run_model(path, step=step, average_last=average_last)
         decode = checkpoint.load_run_config(path).decode.to_dict()
-        return Translator(model, params, tokenizer, decode, str(path))
+        return Translator(model, params, tokenizer, decode, str(path), list(steps))
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give an export directory or a training workdir")
     raise FileNotFoundError(f"{path} is neither an exported model (config.json + params.safetensors) nor a "

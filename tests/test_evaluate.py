@@ -1,0 +1,164 @@
+"""`jaxformer evaluate` as the papers score: both metrics, averaged checkpoints, every test line.
+
+Uses the tiny copy model of test_decode.py, whose "translation" of made-up lowercase words is the input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer import checkpoint, cli
+from jaxformer.config import check_lengths, default_config
+from jaxformer.evaluate import bleu_scores, run_evaluation
+from jaxformer.translate import load_translator, translate
+from test_decode import made_up_sentences, trained_copy_model
+
+SENTENCES = made_up_sentences(6, seed=11)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return trained_copy_model()
+
+
+def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.0, 2.0)):
+    """A run directory whose checkpoints 1, 2, 3 hold the copy model's parameters times `scales`."""
+    model, params, tokenizer = bundle
+    config = default_config()
+    for key, value in model.config.to_dict().items():
+        if key in config.model:
+            config.model[key] = value
+    config.data.source, config.data.src_lang, config.data.tgt_lang = "files", "xx", "yy"
+    config.data.test_files = str(test_prefix)
+    config.train.average_last = average_last
+    checkpoint.save_run_config(config, workdir)
+    tokenizer.save(str(workdir / "vocab.model"))
+    store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)
+    for step, scale in enumerate(scales, start=1):
+        store.save(step, params=jax.tree.map(lambda x: scale * x, params),
+                   opt_state={"count": np.zeros((), np.int32)},
+                   rng=jax.random.key_data(jax.random.key(0)), data_state={})
+    store.wait()
+    store.close()
+    return workdir
+
+
+def write_split(prefix, sources, references):
+    prefix.parent.joinpath(prefix.name + ".xx").write_bytes(b"".join(s + b"\n" for s in sources))
+    prefix.parent.joinpath(prefix.name + ".yy").write_bytes(b"".join(r + b"\n" for r in references))
+
+
+def first_kernel(params):
+    return float(np.asarray(jax.tree.leaves(params)[0]).ravel()[0])
+
+
+def test_bleu_scores_gives_the_cased_and_the_lowercased_score():
+    refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee."]
+    result = bleu_scores([r.lower() for r in refs], refs)
+    assert result.score < 50 and result.lowercased.score == pytest.approx(100.0)
+    assert "case:mixed" in result.signature and "tok:13a" in result.signature
+    assert "case:lc" in result.lowercased.signature and "tok:13a" in result.lowercased.signature
+    info = result.to_json()
+    assert info["bleu"] == result.score and info["bleu_lowercase"] == result.lowercased.score
+    assert info["signature_lowercase"] == result.lowercased.signature
+    assert result.lines().splitlines() == [result.text, result.signature, result.lowercased.text,
+                                           result.lowercased.signature]
+
+
+def test_evaluate_a_run_averages_its_last_k_by_default(bundle, tmp_path, capsys):
+    model, params, _ = bundle
+    test = tmp_path / "test"
+    # capitalized references: the copy model's lowercase output scores low cased, 100-ish lowercased
+    write_split(test, [s.encode() for s in SENTENCES], [s.title().encode() for s in SENTENCES])
+    run = make_run(bundle, tmp_path / "run", average_last=2, test_prefix=test)  # mean of steps 2, 3 = params
+
+    assert cli.main(["evaluate", "--workdir", str(run), "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and "case:mixed" in printed[1] and "case:lc" in printed[3]
+    info = json.loads((tmp_path / "eval" / "bleu.json").read_text())
+    assert info["checkpoint_steps"] == [2, 3] and info["average_last"] == 2
+    assert info["bleu_lowercase"] > 80 and info["bleu"] < 50
+    assert "case:lc" in info["signature_lowercase"] and "case:mixed" in info["signature"]
+    assert (tmp_path / "eval" / "bleu.txt").read_text().splitlines() == printed
+
+    averaged = load_translator(run)
+    assert averaged.checkpoint_steps == [2, 3]
+    assert first_kernel(averaged.params) == pytest.approx(first_kernel(params), rel=1e-6)
+    # an explicit --average-last or --step wins
+    assert load_translator(run, average_last=1).checkpoint_steps == [3]
+    assert load_translator(run, average_last=3).checkpoint_steps == [1, 2, 3]
+    only = load_translator(run, step=2)
+    assert only.checkpoint_steps == [2] and first_kernel(only.params) == 0.0
+    assert cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert "checkpoint steps 2, 3, averaged" in capsys.readouterr().out
+
+
+def test_a_run_with_fewer_checkpoints_than_average_last_averages_what_it_has(bundle, tmp_path, caplog):
+    run = make_run(bundle, tmp_path / "run", average_last=5, test_prefix=tmp_path / "test")
+    with caplog.at_level(logging.WARNING, logger="jaxformer.checkpoint"):
+        translator = load_translator(run)
+    assert translator.checkpoint_steps == [1, 2, 3]
+    assert "only 3 readable checkpoint(s)" in caplog.text and "of the 5 to average" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="fewer than the 5 asked for"):
+        load_translator(run, average_last=5)  # asked for explicitly: not silently fewer
+
+
+def test_every_test_line_is_scored_and_the_bad_ones_counted(bundle, tmp_path, caplog):
+    test = tmp_path / "test"
+    sources = [s.encode() for s in SENTENCES[:3]] + [b"", SENTENCES[3].encode() + b" \xff", b"   "]
+    references = [s.encode() for s in SENTENCES[:3]] + [b"abc", SENTENCES[3].encode(), b"def"]
+    write_split(test, sources, references)
+    run = make_run(bundle, tmp_path / "run", average_last=2, test_prefix=test)
+    with caplog.at_level(logging.WARNING, logger="jaxformer.evaluate"):
+        result = run_evaluation(run, tmp_path / "eval")
+    assert result.num_sentences == len(sources) == len(result.hypotheses)
+    info = json.loads((tmp_path / "eval" / "bleu.json").read_text())
+    assert info["num_sentences"] == 6 and info["empty_lines"] == 2 and info["bad_utf8_lines"] == 1
+    hyps = (tmp_path / "eval" / "test.hyp").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(hyps) == 6 and hyps[3] == "" and hyps[5] == "" and hyps[:3] == SENTENCES[:3]
+    assert "2 of 6 lines have an empty side and 1 a U+FFFD" in caplog.text
+    # the --src/--ref files are read the same way: nothing dropped
+    assert cli.main(["evaluate", "--model", str(run), "--src", f"{test}.xx", "--ref", f"{test}.yy",
+                     "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "bleu.json").read_text())["num_sentences"] == 6
+
+
+def test_a_position_table_shorter_than_a_training_batch_is_refused_naming_both_keys():
+    config = default_config()
+    config.model.max_len, config.data.max_len = 64, 100
+    config.data.bucket_lengths = (16, 32, 64, 128)
+    with pytest.raises(ValueError, match=r"model.max_len=64 is shorter than the longest training batch, 128 "
+                                         r"tokens \(data.bucket_lengths=.*data.max_len=100"):
+        check_lengths(config)
+    config.data.max_len = 64
+    check_lengths(config)  # pairs of up to 64 tokens go into the 64 bucket
+    config.data.pack = True  # packed rows always have the largest bucket's length
+    with pytest.raises(ValueError, match="model.max_len=64.*data.bucket_lengths"):
+        check_lengths(config)
+
+
+def test_training_refuses_a_short_position_table_at_start(tmp_path):
+    from jaxformer.train import run
+
+    config = default_config()
+    config.train.workdir = str(tmp_path / "run")
+    config.model.max_len, config.data.max_len = 32, 64
+    with pytest.raises(ValueError, match="model.max_len=32.*data.max_len=64"):
+        run(config)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_an_output_limit_past_the_position_table_is_capped_with_a_warning(bundle, caplog):
+    model, params, tokenizer = bundle  # max_len 64
+    with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
+        out = translate(bundle, SENTENCES[:2], max_extra_len=50, batch_size=8)
+    assert "model.max_len" not in caplog.text  # inputs of a few tokens + 50 fit in 64
+    with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
+        assert translate(bundle, SENTENCES[:2], max_extra_len=70, batch_size=8) == out
+    assert "2 of 2 sentences have input + decode.max_extra_len=70 longer than model.max_len=64" in caplog.text
