@@ -26,7 +26,7 @@ TINY_MODEL = ("--config.model.d_model=32 --config.model.d_ff=64 --config.model.n
               "--config.model.num_encoder_layers=1 --config.model.num_decoder_layers=1 "
               "--config.train.progress_bar=False --config.train.eval_bleu_sentences=4 "
               "--config.train.warmup_steps=10 --config.train.log_every=10")
-# The default run feeds the translate/evaluate/export commands: 5 checkpoints for --average-last 5.
+# The default run feeds the translate/evaluate/export commands: 5 checkpoints for its train.average_last=5.
 TINY_DEFAULT = (TINY_MODEL + " --config.data.synthetic_size=2000 --config.train.steps=50 "
                 "--config.train.checkpoint_every_steps=10 --config.train.eval_every=50")
 FILES = (f"--config.data.source=files --config.data.train_files={MULTI30K}/train "
