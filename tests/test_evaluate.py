@@ -132,13 +132,13 @@ def test_every_test_line_is_scored_and_the_bad_ones_counted(bundle, tmp_path, ca
 def test_a_position_table_shorter_than_a_training_batch_is_refused_naming_both_keys():
     config = default_config()
     config.model.max_len, config.data.max_len = 64, 100
-    config.data.bucket_lengths = (16, 32, 64, 128)
+    config.data.bucket_lengths, config.data.pack = (16, 32, 64, 128), False  # one pair per row
     with pytest.raises(ValueError, match=r"model.max_len=64 is shorter than the longest training batch, 128 "
                                          r"tokens \(data.bucket_lengths=.*data.max_len=100"):
         check_lengths(config)
     config.data.max_len = 64
     check_lengths(config)  # pairs of up to 64 tokens go into the 64 bucket
-    config.data.pack = True  # packed rows always have the largest bucket's length
+    config.data.pack = True  # packed rows (the default) always have the largest bucket's length
     with pytest.raises(ValueError, match="model.max_len=64.*data.bucket_lengths"):
         check_lengths(config)
 
