@@ -295,6 +295,32 @@ def test_sigkill_of_one_process_ends_the_other_and_the_checkpoint_resumes_exactl
     assert "\n" not in str(error.value)
 
 
+def test_sigterm_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(tmp_path, setup):
+    """A preemption notice that reaches one process only: both finish the same step, save it, exit 143."""
+    workdir = tmp_path / "run"
+    started = launch(small_config(workdir, setup, steps=1000, checkpoint_every_steps=1000), tmp_path, "preempted")
+    (proc0, log0), (proc1, _) = started
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not (metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()
+                                            if line.endswith("}"))):
+            assert proc0.poll() is None and proc1.poll() is None, log0.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the 2-process run made no progress"
+            time.sleep(0.02)
+        proc1.send_signal(signal.SIGTERM)
+    except BaseException:
+        finish(started, timeout=1)
+        raise
+    (code0, out0), (code1, out1) = finish(started, timeout=90)
+    assert code0 == code1 == 143, (out0[-3000:], out1[-3000:])
+    stopped = max(train_losses(workdir))
+    assert ckpt.CheckpointStore(workdir / "checkpoints", read_only=True).steps == [stopped]
+    assert f"stopped by SIGTERM after step {stopped}: checkpoint step {stopped} is in " in out1
+    assert f"stopped by a signal on another process after step {stopped}: checkpoint step {stopped}" in out0
+    assert "rerun the same command to resume from it: python train.py --config " in out0.strip().splitlines()[-1]
+
+
 def test_a_process_with_an_empty_shard_stops_every_process_with_one_line(tmp_path, setup):
     data = tmp_path / "one_pair.tsv"
     data.write_text("one\teins\n", encoding="utf-8")
