@@ -8,6 +8,7 @@ same workdir resumes from its latest good checkpoint.
 import logging
 import os
 import re
+import shlex
 import sys
 
 from absl import app, flags
@@ -43,6 +44,8 @@ def main(argv):
     _setup_logging()
     from jaxformer.checkpoint import CheckpointError
     from jaxformer.data import DataError
+    from jaxformer.parallel import DistributedError
+    from jaxformer.preemption import Preempted
     from jaxformer.train import TrainingError, run
 
     config = _CONFIG.value
@@ -50,7 +53,11 @@ def main(argv):
         config.train.workdir = _WORKDIR.value
     try:
         result = run(config)
-    except (TrainingError, CheckpointError, DataError, ValueError) as e:
+    except Preempted as e:
+        command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
+        print(f"{e}: {command}", file=sys.stderr)
+        return e.exit_code
+    except (TrainingError, CheckpointError, DataError, DistributedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a missing file, a full disk, an unreachable hub

@@ -100,6 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.progress_bar = True
     t.plot = True                   # write curves.png into the workdir
     t.distributed = "auto"          # jax.distributed.initialize(): "auto" (when launched multi-host), "on", "off"
+    t.distributed_timeout_s = 300.0  # how long processes wait for the coordinator and each other at start
+    t.heartbeat_timeout_s = 100.0   # a process silent this long counts as dead; the others then stop
 
     # --- decoding
     c.decode = dc = ml_collections.ConfigDict()

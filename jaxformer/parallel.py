@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -22,11 +23,14 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several": set by the user (JAX's own), by
-# SLURM or Open MPI launchers, or present on Cloud TPU pod slices. jax.distributed.initialize() reads
-# them itself; we only decide whether to call it.
+# SLURM or Open MPI launchers, or present on Cloud TPU pod slices.
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 _CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
 _DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+class DistributedError(RuntimeError):
+    """The processes of a multi-host run cannot find or agree with each other; the message says why."""
 
 
 def _looks_multihost(environ: Mapping[str, str]) -> bool:
@@ -42,13 +46,62 @@ def _looks_multihost(environ: Mapping[str, str]) -> bool:
     return len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
-def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None = None) -> bool:
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[ipv6]:port" -> (host, port); DistributedError naming JAX_COORDINATOR_ADDRESS if malformed."""
+    host, sep, port = str(address).strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(f"JAX_COORDINATOR_ADDRESS={address!r} is not host:port (e.g. 10.0.0.1:1234)")
+    return host, int(port)
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"{name}={value!r} is not an integer") from None
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Return once a TCP connection to the coordinator opens; DistributedError after `timeout_s`.
+
+    JAX itself aborts the whole process (a C++ fatal error, exit 134) when its connection times out, so a
+    coordinator that is not there is caught here first, with a one-line error.
+    """
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"the coordinator {host}:{port} (JAX_COORDINATOR_ADDRESS) did not answer within "
+                f"train.distributed_timeout_s={timeout_s:g} s ({last.strerror or last}); start process 0 "
+                f"there, or fix the address")
+        time.sleep(0.2)
+
+
+def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None = None, *,
+                                 timeout_s: float = 300, heartbeat_timeout_s: float = 100) -> bool:
     """Call `jax.distributed.initialize()` for a multi-host run; returns whether it was called.
 
     mode "auto" (config `train.distributed`) initialises when the environment says this is one of several
     processes (JAX_COORDINATOR_ADDRESS, SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1, a TPU pod's
-    TPU_WORKER_HOSTNAMES); "on" always does (JAX then auto-detects the cluster or reads its env vars);
-    "off" never does. Must run before anything touches a device.
+    TPU_WORKER_HOSTNAMES); "on" always does; "off" never does. Must run before anything touches a device.
+
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, where set,
+    are passed on; what is unset JAX detects from the cluster (SLURM, Open MPI, Cloud TPU). `timeout_s`
+    (train.distributed_timeout_s) bounds the wait for the coordinator and the other processes;
+    `heartbeat_timeout_s` (train.heartbeat_timeout_s) is how long a silent process counts as alive.
     """
     if mode not in _DISTRIBUTED_MODES:
         raise ValueError(f"train.distributed: unknown option {mode!r}; choose one of {', '.join(_DISTRIBUTED_MODES)}")
@@ -57,7 +110,18 @@ def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] 
         return False
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize()
+    address = environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _env_int(environ, "JAX_NUM_PROCESSES")
+    process_id = _env_int(environ, "JAX_PROCESS_ID")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})")
+    if address is not None:
+        host, port = parse_address(address)
+        if process_id not in (None, 0):  # process 0 starts the coordinator; the others wait for it
+            _wait_for_coordinator(host, port, timeout_s)
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=max(1, int(math.ceil(timeout_s))),
+                               heartbeat_timeout_seconds=max(1, int(math.ceil(heartbeat_timeout_s))))
     log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
@@ -117,18 +181,22 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int, length: int) -> dict[s
     return out
 
 
-def global_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+def global_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                   stats: dict | None = None) -> Iterator[dict[str, jax.Array]]:
     """Global sharded batches from this process's host batches.
 
     One process: each batch as is. Several: the processes' batches can differ in shape (each batches its
     own shard into its own length buckets) and in number (an evaluation split divides unevenly), so before
     each step they agree, with one small all-gather, on the largest shape; smaller batches are padded to it,
     and a process whose data has ended contributes all-PAD rows until every process has ended. Padded
-    rows and columns have zero loss weight, so sums over the global batch are unchanged.
+    rows and columns have zero loss weight, so sums over the global batch are unchanged. `stats`, if
+    given, counts "batches" and "padded" (batches where the processes' shapes differed).
     """
     iterator = iter(batches)
+    stats = {} if stats is None else stats
     if jax.process_count() == 1:
         for batch in iterator:
+            stats["batches"] = stats.get("batches", 0) + 1
             yield shard_batch(batch, mesh)
         return
     from jax.experimental import multihost_utils
@@ -143,12 +211,36 @@ def global_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh) -> I
         if not shapes[:, 0].any():
             return
         rows, length = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+        stats["batches"] = stats.get("batches", 0) + 1
+        if (shapes != shapes[0]).any():
+            if not stats.get("padded"):
+                log.info("the processes' batches differ in shape (rows x length per process: %s); each is padded "
+                         "to %dx%d (logged once)", ", ".join(f"{r}x{n}" for r, n in shapes.tolist()), rows, length)
+            stats["padded"] = stats.get("padded", 0) + 1
         if batch is None:
             if template is None:
                 raise ValueError(f"process {jax.process_index()} got no batches at all while others did; "
                                  "its data shard is empty")
             batch = {name: np.zeros((0, 0), value.dtype) for name, value in template.items()}
         yield shard_batch(pad_batch(batch, rows, length), mesh)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (one small all-gather; every process must call it together)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def allgather_ints(value: int) -> list[int]:
+    """Every process's integer `value`, in process order."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray([value], np.int64))).reshape(-1)]
 
 
 def allgather_json(value: Any) -> list:

@@ -25,6 +25,7 @@ from jaxformer.config import check_lengths
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
 from jaxformer.model import Transformer, TransformerConfig, count_params
 from jaxformer.optim import learning_rate_schedule, make_optimizer
+from jaxformer.preemption import Preempted, StopSignals
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
     need(t.average_last <= t.keep_checkpoints, "average_last",
          f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
     need(t.distributed in ("auto", "on", "off"), "distributed", "must be 'auto', 'on' or 'off'")
+    need(t.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0 (seconds)")
+    need(t.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0 (seconds)")
     need(bool(str(t.workdir)), "workdir", "must name a directory")
     from sacrebleu.metrics import BLEU
 
@@ -84,6 +87,29 @@ def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, 
     exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs)
     return {"bleu": bleu.score, "bleu_lowercase": bleu.lowercased.score, "exact_match": exact}, hypotheses
 
+
+
+def check_shards(batches, split: str) -> None:
+    """With several processes: every one's shard of `split` must hold pairs, or all stop with one error.
+
+    Opening the shard runs its first pass (tokenizing into the cache) now. A process whose shard is empty
+    would otherwise fail alone and leave the others waiting in a collective until the heartbeat timeout.
+    """
+    if jax.process_count() == 1:
+        return
+    from jaxformer.data import DataError
+
+    try:
+        size, problem = len(batches.cache), ""
+    except DataError as e:
+        size, problem = 0, str(e)
+    sizes = parallel.allgather_ints(size)
+    log.info("%s data: pairs per process %s", split, sizes)
+    empty = [i for i, n in enumerate(sizes) if n == 0]
+    if empty:
+        raise DataError(f"the {split} data shard of process(es) {empty} of {len(sizes)} is empty (pairs per process: "
+                        f"{sizes}){': ' + problem if problem else ''}; give every process data: more pairs than "
+                        f"processes, or fewer processes")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -118,14 +144,17 @@ class _Trainer:
 
         batches = make_batches(self.config, self.tokenizer, "train", repeat=True, shuffle=True,
                                num_devices=parallel.local_devices_in(self.mesh))
+        check_shards(batches, "train")
         return Prefetcher(batches, self.config.data.prefetch) if self.config.data.prefetch > 0 else batches
 
     def valid_batches(self) -> list:
         if self._valid_batches is None:
             from jaxformer.data import make_batches
 
-            self._valid_batches = list(make_batches(self.config, self.tokenizer, "valid", repeat=False,
-                                                    shuffle=False, num_devices=parallel.local_devices_in(self.mesh)))
+            batches = make_batches(self.config, self.tokenizer, "valid", repeat=False, shuffle=False,
+                                   num_devices=parallel.local_devices_in(self.mesh))
+            check_shards(batches, "valid")
+            self._valid_batches = list(batches)
         return self._valid_batches
 
     def bleu_pairs(self) -> list:
@@ -179,12 +208,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
     Returns the final metrics: step, the last training window's (train_*), validation (valid_*: loss,
     nll, ppl, accuracy, bleu, bleu_lowercase) and, with train.average_last > 1, those of the averaged
     checkpoints (valid_avg_*). Raises TrainingError on a non-finite loss, ValueError / DataError on bad config or data,
-    CheckpointError when no checkpoint of the workdir restores.
+    CheckpointError when no checkpoint of the workdir restores, DistributedError when the processes of a
+    multi-host run cannot reach each other, and `Preempted` after SIGTERM/SIGINT stopped it (a checkpoint
+    of the step it stopped after is written; calling it again resumes there).
     """
     check_train_config(config.train)
     check_lengths(config)  # a position table shorter than a batch would show up as a NaN loss
     TransformerConfig.from_dict(config.model.to_dict(), vocab_size=8)  # model keys, before any slow work
-    parallel.maybe_initialize_distributed(config.train.distributed)
+    parallel.maybe_initialize_distributed(config.train.distributed, timeout_s=float(config.train.distributed_timeout_s),
+                                          heartbeat_timeout_s=float(config.train.heartbeat_timeout_s))
     workdir = pathlib.Path(config.train.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     with log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else contextlib.nullcontext():
@@ -221,7 +253,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
              jax.process_count(), start, t.steps, workdir)
 
     metrics = MetricsLog(workdir, start, enabled=trainer.is_chief)
-    batches = parallel.global_batches(train_batches, trainer.mesh)
+    shape_stats: dict = {}
+    batches = parallel.global_batches(train_batches, trainer.mesh, shape_stats)
     accum = int(t.grad_accum_steps)
     result: dict[str, Any] = {"step": start, "workdir": str(workdir)}
     window: list[tuple[int, dict]] = []
@@ -260,7 +293,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     try:
         redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
-        with redirect:  # log lines go above the progress bar
+        with redirect, StopSignals() as stop:  # log lines go above the progress bar
             for step in range(start + 1, t.steps + 1):
                 state, step_metrics = steps.update(state, [next(batches) for _ in range(accum)])
                 window.append((step, step_metrics))
@@ -278,10 +311,25 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if evaluate:
                     do_eval(step, state.params)
                 result["step"] = step
+                # Every process must stop after the same step, whichever got the signal.
+                stopping = stop.requested if jax.process_count() == 1 else parallel.any_process(stop.requested)
+                if stopping and not last:
+                    if not save:
+                        if window:
+                            flush()
+                        trainer.save(state, {"processes": parallel.allgather_json(train_batches.state_dict())})
+                    trainer.store.wait()
+                    name = stop.name or "a signal on another process"
+                    message = (f"stopped by {name} after step {step}: checkpoint step {step} is in "
+                               f"{trainer.store.directory}; rerun the same command to resume from it")
+                    log.warning("%s", message)
+                    raise Preempted(message, signum=stop.signum or 15, step=step)
             if start >= t.steps:
                 log.info("workdir %s already holds step %d >= train.steps=%d: evaluating only", workdir, start, t.steps)
                 do_eval(start, state.params)
             trainer.store.wait()
+            if shape_stats.get("padded"):
+                result["batches_padded_to_agree"] = shape_stats["padded"]
             if t.average_last > 1:
                 kept = trainer.store.steps
                 if len(kept) >= t.average_last:

@@ -37,3 +37,12 @@ def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
         with open(multi30k_dir / f"train.{lang}", encoding="utf-8") as f:
             sentences += [line.strip() for line in islice(f, 4000)]
     return Tokenizer.train(sentences, 1000, str(tmp_path_factory.mktemp("vocab") / "vocab.model"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With `pytest -n N`: tests marked `xdist_group` (the multi-process ones) run on one worker, others spread."""
+    if config.getvalue("dist") == "load":
+        from xdist.scheduler import LoadGroupScheduling
+
+        return LoadGroupScheduling(config, log)
+    return None

@@ -398,6 +398,66 @@ def test_killed_then_resumed_run_gives_the_same_losses(tmp_path, synthetic_setup
     assert (workdir / "metrics.dropped.jsonl").read_text().strip()
 
 
+def _recipe_for(config, tmp_path) -> pathlib.Path:
+    """A recipe file that returns `config` (saved as JSON), for `python train.py --config`."""
+    config_dir = tmp_path / "config"
+    ckpt.save_run_config(config, config_dir)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("from jaxformer.checkpoint import load_run_config\n\n\n"
+                      f"def get_config():\n    return load_run_config({str(config_dir)!r})\n")
+    return recipe
+
+
+def test_sigterm_saves_the_current_step_and_rerunning_resumes_exactly(tmp_path, synthetic_setup, reference_run):
+    """A preempted `python train.py` (SIGTERM) saves the step it was in, says how to resume, exits 143."""
+    workdir = tmp_path / "run"
+    recipe = _recipe_for(tiny_config(workdir, synthetic_setup, steps=1000, checkpoint_every_steps=1000), tmp_path)
+    command = [sys.executable, "train.py", "--config", str(recipe)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 150
+    try:
+        while not (metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()
+                                            if line.endswith("}"))):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the training subprocess made no progress"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM == 143, stderr[-3000:]
+    stopped = max(train_records(workdir))  # the last step it logged is the step it saved
+    assert 3 <= stopped < 14
+    assert ckpt.CheckpointStore(workdir / "checkpoints", read_only=True).steps == [stopped]  # none periodic
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped by SIGTERM after step {stopped}: checkpoint step {stopped} is in ")
+    assert last_line.endswith(f"rerun the same command to resume from it: python train.py --config {recipe}")
+    # The same command (here with train.steps=14) resumes from that exact step and data position.
+    run(tiny_config(workdir, synthetic_setup, steps=14))
+    assert f"resumed from checkpoint step {stopped} " in (workdir / "train.log").read_text()
+    np.testing.assert_allclose(losses(workdir, 14), losses(reference_run[0], 14), rtol=1e-5)
+    assert not (workdir / "metrics.dropped.jsonl").exists()  # nothing past the checkpoint was logged
+
+
+def test_stop_signals_are_handled_only_inside_and_restored_after():
+    from jaxformer.preemption import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs at the next bytecode
+        assert stop.requested and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal, SIGINT: stop at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_setup):
     run(tiny_config(tmp_path, synthetic_setup, steps=4))
     with pytest.raises(TrainingError, match=r"non-finite training loss at step \d+.*last good checkpoint is step 4"):
