@@ -29,7 +29,7 @@ from common import device_summary, report  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["search", "impl", "beam_size", "batch_size", "sentences", "seconds", "sentences_per_s",
-           "speedup", "same_tokens"]
+           "speedup", "same_tokens", "rows_differing"]
 
 
 def random_mode(args) -> list[dict]:
@@ -63,6 +63,10 @@ def random_mode(args) -> list[dict]:
                 runs[impl] = lambda m=module, c=config: m.beam_search(c, params, src, beam_size=beam,
                                                                       max_len=args.max_len)[0]
         outputs = {impl: np.asarray(jax.block_until_ready(run())) for impl, run in runs.items()}  # compile
+        if beam > 1:  # the scores too, to say how far apart the two searches' numbers are
+            scores = {impl: np.asarray(module.beam_search(config, params, src, beam_size=beam,
+                                                          max_len=args.max_len)[1])
+                      for impl, (module, config) in impls.items()}
         times = {impl: [] for impl in runs}
         for _ in range(args.repeats):
             for impl, run in runs.items():
@@ -80,6 +84,9 @@ def random_mode(args) -> list[dict]:
                 row["speedup"] = ratios[len(ratios) // 2]  # median of the per-repeat ratios
                 row["speedup_range"] = [ratios[0], ratios[-1]]
                 row["same_tokens"] = bool(np.array_equal(outputs["current"], outputs["baseline"]))
+                row["rows_differing"] = int((outputs["current"] != outputs["baseline"]).any(axis=1).sum())
+                if beam > 1:
+                    row["max_score_diff"] = float(np.max(np.abs(scores["current"] - scores["baseline"])))
             rows.append(row)
     return rows
 
