@@ -1,11 +1,19 @@
-"""Decoding speed: sentences/s of greedy and beam-4 search over Multi30k test2016 with a trained model.
+"""Decoding speed: sentences/s of greedy and beam-4 search.
 
+    python benchmarks/decode_speed.py --random --compare   # random Multi30k-size model, beside the old search
     python benchmarks/decode_speed.py --model runs/multi30k          # a training workdir or an export dir
     python benchmarks/decode_speed.py --model runs/multi30k --limit 200 --batch-size 32
 
-Each search runs once over the sentences to compile its shapes, then is timed over the same sentences
-(median of --repeats passes). Tokenization and detokenization are inside the timing: this is what
-`jaxformer translate` costs per sentence once compiled.
+--random: the Multi30k model shape (configs/multi30k.py: d_model 256, 3+3 layers, 4 heads, d_ff 1024,
+vocab 8000) with random weights, --sentences random sources of --src-tokens tokens (+ EOS) in one batch,
+outputs capped at --max-len tokens (EOS included). A random model never chooses EOS, so every hypothesis
+runs to the cap: the search's worst case, and no early stopping. Only the compiled search is timed.
+--compare also times `benchmarks/_baseline_decode.py` (the search before the speed work), interleaved
+with the current one (repeat by repeat), checks that both return the same tokens and prints the ratio.
+
+--model: a trained model over test2016; each search runs once to compile its shapes, then is timed over
+the same sentences (median of --repeats passes), tokenization and detokenization included (what
+`jaxformer translate` costs per sentence once compiled).
 """
 
 from __future__ import annotations
@@ -20,25 +28,76 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import device_summary, report  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ["search", "impl", "beam_size", "batch_size", "sentences", "seconds", "sentences_per_s",
+           "speedup", "same_tokens", "rows_differing"]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=os.path.join(REPO, "runs", "multi30k"))
-    parser.add_argument("--average-last", type=int, default=None,
-                        help="default: the run's train.average_last")
-    parser.add_argument("--source", default=os.path.join(REPO, "..", "shared", "data", "multi30k", "test2016.en"))
-    parser.add_argument("--limit", type=int, default=None, help="first N sentences only")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args(argv)
+def random_mode(args) -> list[dict]:
+    import jax
+    import numpy as np
 
+    import _baseline_decode
+    import _baseline_model
+    from jaxformer import decode
+    from jaxformer.data import EOS_ID
+    from jaxformer.model import TransformerConfig, init_params
+
+    cfg = TransformerConfig(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
+                            num_decoder_layers=3, max_len=128, dropout_rate=0.0)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    src = np.zeros((args.sentences, args.src_tokens + 1), np.int32)
+    src[:, :-1] = rng.integers(4, cfg.vocab_size, (args.sentences, args.src_tokens))
+    src[:, -1] = EOS_ID
+    src = jax.device_put(src)
+    impls = {"current": (decode, cfg)}
+    if args.compare:  # the old search over the old model module (same parameters)
+        impls["baseline"] = (_baseline_decode, _baseline_model.TransformerConfig(**cfg.to_dict()))
+    rows = []
+    for name, beam in (("greedy", 1), ("beam4", 4)):
+        runs = {}
+        for impl, (module, config) in impls.items():
+            if beam == 1:
+                runs[impl] = lambda m=module, c=config: m.greedy_search(c, params, src, max_len=args.max_len)
+            else:
+                runs[impl] = lambda m=module, c=config: m.beam_search(c, params, src, beam_size=beam,
+                                                                      max_len=args.max_len)[0]
+        outputs = {impl: np.asarray(jax.block_until_ready(run())) for impl, run in runs.items()}  # compile
+        if beam > 1:  # the scores too, to say how far apart the two searches' numbers are
+            scores = {impl: np.asarray(module.beam_search(config, params, src, beam_size=beam,
+                                                          max_len=args.max_len)[1])
+                      for impl, (module, config) in impls.items()}
+        times = {impl: [] for impl in runs}
+        for _ in range(args.repeats):
+            for impl, run in runs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(run())
+                times[impl].append(time.perf_counter() - start)
+        medians = {impl: sorted(t)[len(t) // 2] for impl, t in times.items()}
+        for impl in runs:
+            row = {"search": name, "impl": impl, "beam_size": beam, "batch_size": args.sentences,
+                   "sentences": args.sentences, "src_tokens": args.src_tokens, "max_len": args.max_len,
+                   "seconds": medians[impl], "seconds_all": times[impl],
+                   "sentences_per_s": args.sentences / medians[impl]}
+            if impl == "current" and "baseline" in runs:
+                ratios = sorted(b / c for b, c in zip(times["baseline"], times["current"]))
+                row["speedup"] = ratios[len(ratios) // 2]  # median of the per-repeat ratios
+                row["speedup_range"] = [ratios[0], ratios[-1]]
+                row["same_tokens"] = bool(np.array_equal(outputs["current"], outputs["baseline"]))
+                row["rows_differing"] = int((outputs["current"] != outputs["baseline"]).any(axis=1).sum())
+                if beam > 1:
+                    row["max_score_diff"] = float(np.max(np.abs(scores["current"] - scores["baseline"])))
+            rows.append(row)
+    return rows
+
+
+def model_mode(args) -> list[dict]:
     from jaxformer.evaluate import read_lines
     from jaxformer.translate import load_translator
 
     translator = load_translator(args.model, average_last=args.average_last)
     sentences = read_lines(args.source)[: args.limit]
-    print(f"# device: {device_summary()}; {len(sentences)} sentences from {args.source}")
+    print(f"# {len(sentences)} sentences from {args.source}")
     rows = []
     for name, beam in (("greedy", 1), ("beam4", 4)):
         translator.translate(sentences, beam_size=beam, batch_size=args.batch_size)  # compile every shape
@@ -48,9 +107,31 @@ def main(argv=None):
             translator.translate(sentences, beam_size=beam, batch_size=args.batch_size)
             times.append(time.perf_counter() - start)
         seconds = sorted(times)[len(times) // 2]
-        rows.append({"search": name, "beam_size": beam, "batch_size": args.batch_size,
+        rows.append({"search": name, "impl": "current", "beam_size": beam, "batch_size": args.batch_size,
                      "sentences": len(sentences), "seconds": seconds, "sentences_per_s": len(sentences) / seconds})
-    report(rows, ["search", "beam_size", "batch_size", "sentences", "seconds", "sentences_per_s"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--random", action="store_true", help="a random-weight Multi30k-size model (see above)")
+    parser.add_argument("--compare", action="store_true", help="--random: also time the search before the speed work")
+    parser.add_argument("--sentences", type=int, default=64, help="--random: batch of random sources")
+    parser.add_argument("--src-tokens", type=int, default=20, help="--random: source tokens (+ EOS)")
+    parser.add_argument("--max-len", type=int, default=40, help="--random: output cap, EOS included")
+    parser.add_argument("--model", default=os.path.join(REPO, "runs", "multi30k"))
+    parser.add_argument("--average-last", type=int, default=None,
+                        help="default: the run's train.average_last")
+    parser.add_argument("--source", default=os.path.join(REPO, "..", "shared", "data", "multi30k", "test2016.en"))
+    parser.add_argument("--limit", type=int, default=None, help="first N sentences only")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5 with --random, else 1")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.random else 1
+    print(f"# device: {device_summary()}")
+    rows = random_mode(args) if args.random else model_mode(args)
+    report(rows, COLUMNS)
 
 
 if __name__ == "__main__":

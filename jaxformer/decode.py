@@ -13,8 +13,12 @@ Conventions shared by everything here:
   * Length limit per row, counting the output's EOS: the row's source length
     counting its EOS (its non-PAD tokens) + `max_extra_len`, capped by `max_len`
     and by the model's `max_len`; so "input length + 50" in the paper's sense
-    (words + 50), with both ends counting their EOS. A hypothesis that reaches
-    its limit without EOS is finished there (no EOS is forced in).
+    (words + 50), with both ends counting their EOS. At the limit EOS is forced,
+    as in fairseq: the last position can only be EOS, and its log-probability
+    counts in the score, so an unfinished (say, looping) hypothesis pays for the
+    EOS it never chose and does not compete for free with finished ones.
+    `eos_at_limit=False` restores the old rule (the hypothesis is cut at its
+    limit without EOS and scored without it).
     L = min(S + max_extra_len, max_len, model max_len) is the static buffer length.
   * PAD and BOS are never generated: their logits are masked before the
     softmax, so log-probabilities are renormalised over the other tokens (and
@@ -96,7 +100,8 @@ def output_limits(src: jax.Array, buffer_len: int, max_extra_len: int, pad_id: i
 def _log_probs(logits: jax.Array) -> jax.Array:
     """Log-softmax over the vocabulary with PAD and BOS excluded."""
     logits = logits.astype(jnp.float32)
-    logits = logits.at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF)
+    never = (jnp.arange(logits.shape[-1]) == PAD_ID) | (jnp.arange(logits.shape[-1]) == BOS_ID)
+    logits = jnp.where(never, jnp.float32(NEG_INF), logits)  # one fused pass, same values as `.at[].set`
     return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -119,7 +124,14 @@ def _encode(model, variables, src):
 
 # ----------------------------------------------------------------------------- greedy
 
-def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src):
+def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
+    """Where `at_limit` ([N] or broadcastable to log_probs[..., 0]), only EOS can follow: every other token's
+    log-prob becomes NEG_INF and EOS keeps its own (it is not renormalised, so its cost counts)."""
+    only_eos = jnp.arange(log_probs.shape[-1]) == EOS_ID
+    return jnp.where(at_limit[..., None] & ~only_eos, NEG_INF, log_probs)
+
+
+def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, *, eos_at_limit: bool = True):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -127,6 +139,8 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     cache = init_cache(cfg, batch, src_len, buffer_len)
     log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                     jnp.full((batch,), BOS_ID, jnp.int32))
+    if eos_at_limit:
+        log_probs = _force_eos(log_probs, limits <= 1)
     first = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
@@ -139,6 +153,8 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         i, tokens, cache, done = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous)
+        if eos_at_limit:
+            log_probs = _force_eos(log_probs, i + 1 >= limits)
         token = jnp.where(done, PAD_ID, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         done = done | (token == EOS_ID) | (i + 1 >= limits)
@@ -149,19 +165,22 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int):
-    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len))
+def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int, eos_at_limit: bool):
+    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len,
+                                     eos_at_limit=eos_at_limit))
 
 
-def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50) -> jax.Array:
+def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
+                  eos_at_limit: bool = True) -> jax.Array:
     """Greedy decoding of src [B,S] -> tokens int32 [B,L] (no BOS; EOS, then PAD).
 
-    `max_len` caps the output length (EOS included) below the model's own max_len.
+    `max_len` caps the output length (EOS included) below the model's own max_len. At a row's limit EOS is
+    forced (`eos_at_limit=False`: the row is cut there without EOS).
     """
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src)
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len), bool(eos_at_limit))(_variables(params), src)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -185,7 +204,8 @@ def _reorder_cache(cache, origin: jax.Array, batch: int, beam_size: int):
     return jax.tree_util.tree_map_with_path(gather, cache)
 
 
-def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha):
+def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha, *,
+          eos_at_limit: bool = True):
     cfg = model.config
     batch, src_len = src.shape
     k, length_cap = beam_size, buffer_len
@@ -205,16 +225,19 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     def select(i, log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
         length = (i + 1).astype(jnp.float32)
+        at_limit = (i + 1 >= limits)[:, None]  # [B,1]
+        if eos_at_limit:  # the last position can only be EOS, at the cost of its log-prob (fairseq)
+            log_probs = _force_eos(log_probs, at_limit)
         candidates = (live_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
         top_scores, top_index = jax.lax.top_k(candidates, 2 * k)  # [B,2K]
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         seqs = _gather_beams(live_seqs, origin)  # [B,2K,L]
         seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, i, axis=2)
         valid = top_scores > NEG_INF / 2  # not an extension of a dead beam or a masked token
-        at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         is_eos = token == EOS_ID
         # A hypothesis is finished by EOS among the top K candidates (so K=1 follows the greedy path), or by
-        # reaching the row's length limit (then the best candidate is finished, EOS or not).
+        # reaching the row's length limit (then the best candidate is finished: with eos_at_limit every
+        # candidate there ends in EOS, else it is cut without one).
         in_top_k = jnp.arange(2 * k)[None, :] < k
         finishing = valid & ((is_eos & in_top_k) | at_limit)
         new_fin = jnp.where(finishing, top_scores / length_penalty(length, alpha), NEG_INF)
@@ -265,25 +288,28 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int):
-    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len))
+def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
+                   eos_at_limit: bool):
+    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
+                                     eos_at_limit=eos_at_limit))
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
-                max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+                max_len: int | None = None, eos_at_limit: bool = True) -> tuple[jax.Array, jax.Array]:
     """Beam search of src [B,S] -> (tokens int32 [B,L], scores float32 [B]): each row's best hypothesis.
 
     The score is the length-penalised log-prob (see module doc). With beam_size=1 and alpha=0 this is
     exactly greedy search; with alpha > 0 a single beam keeps searching after greedy's EOS and returns a
     longer hypothesis only if it scores higher. The loop stops once no live beam of any row can still
-    beat that row's best finished hypothesis.
+    beat that row's best finished hypothesis. At a row's length limit EOS is forced and its log-prob
+    counted (fairseq); `eos_at_limit=False` is the old rule (cut there, scored without EOS).
     """
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len))
+    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), bool(eos_at_limit))
     return fn(_variables(params), src, jnp.float32(alpha))
 
 

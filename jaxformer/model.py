@@ -6,9 +6,10 @@ B batch, S source length, T target length, H heads, K key/query size per head
 
 `Transformer.encode` and `Transformer.decode` are usable alone (beam search
 needs them). With `decode=True` the decoder runs one token at a time from a
-key/value cache in the flax "cache" collection; the cross-attention keys and
-values are computed once per sentence, on the first cached step, and read from
-the cache on every later one (pass `encoded=None` then).
+key/value cache in the flax "cache" collection (head-major, [B,H,S,K]: see
+`cached_attention`); the cross-attention keys and values are computed once per
+sentence, on the first cached step, and read from the cache on every later one
+(pass `encoded=None` then).
 """
 
 from __future__ import annotations
@@ -257,6 +258,24 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, dropout_rng=No
     return out.astype(query.dtype)
 
 
+def cached_attention(query, key, value, mask=None):
+    """Eq. 1 for decode steps, against head-major caches: query [B,T,H,K], key [B,H,S,K], value [B,H,S,V],
+    mask broadcastable to [B,H,T,S] -> [B,T,H,V].
+
+    The decode caches are stored head-major so that each step's two (batched matrix-vector) products read
+    them in place; the [B,S,H,K] layout of `scaled_dot_product_attention` made XLA transpose every cached
+    key and value on every step, which cost more than the step's matmuls. Scores and softmax in float32,
+    as `jax.nn.dot_product_attention`'s XLA path computes them.
+    """
+    logits = jnp.einsum("bthk,bhsk->bhts", query, key, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bhts,bhsv->bthv", probs, value, preferred_element_type=jnp.float32)
+    return out.astype(query.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Section 3.2.2: h heads of d_k (queries, keys) and d_v (values), concatenated and projected to D.
 
@@ -280,20 +299,23 @@ class MultiHeadAttention(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(), name=name)
         query = dense((h, dk), "query")(x)  # [B,T,H,K]
 
+        head_major = False  # decode caches hold keys/values as [B,H,S,K] (see `cached_attention`)
         if self.kind == "cross" and decode:
             # Keys/values of the encoder output: computed when `memory` is given (first step), else cached.
             batch, = x.shape[:1]
             initializing = not self.has_variable("cache", "cross_key")
             src_len = memory.shape[1] if memory is not None else None
-            cached_key = self.variable("cache", "cross_key", jnp.zeros, (batch, src_len, h, dk), cfg.compute_dtype)
-            cached_value = self.variable("cache", "cross_value", jnp.zeros, (batch, src_len, h, dv),
+            cached_key = self.variable("cache", "cross_key", jnp.zeros, (batch, h, src_len, dk), cfg.compute_dtype)
+            cached_value = self.variable("cache", "cross_value", jnp.zeros, (batch, h, src_len, dv),
                                          cfg.compute_dtype)
             if memory is not None:
-                key, value = dense((h, dk), "key")(memory), dense((h, dv), "value")(memory)
+                key = jnp.swapaxes(dense((h, dk), "key")(memory), 1, 2)
+                value = jnp.swapaxes(dense((h, dv), "value")(memory), 1, 2)
                 if not initializing:
                     cached_key.value, cached_value.value = key, value
             else:
                 key, value = cached_key.value, cached_value.value
+            head_major = True
         else:
             source = x if self.kind == "self" else memory
             key = dense((h, dk), "key")(source)    # [B,S,H,K]
@@ -301,18 +323,21 @@ class MultiHeadAttention(nn.Module):
 
         if self.kind == "self" and decode:
             initializing = not self.has_variable("cache", "cached_key")
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-            cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+            head_major_shape = lambda a: (a.shape[0], a.shape[2], a.shape[1], a.shape[3])  # noqa: E731
+            cached_key = self.variable("cache", "cached_key", jnp.zeros, head_major_shape(key), key.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros, head_major_shape(value), value.dtype)
             cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
             if not initializing:
-                batch, max_len = cached_key.value.shape[:2]
+                max_len = cached_key.value.shape[2]
                 if x.shape[1] != 1:
                     raise ValueError(f"decode mode takes one token per step, got a length of {x.shape[1]}")
                 index = cache_index.value
-                key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
-                value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+                key = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, index, 0))
+                value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2),
+                                                     (0, 0, index, 0))
                 cached_key.value, cached_value.value = key, value
                 cache_index.value = index + 1
+                head_major = True
                 # The new query sees cached positions 0..index only.
                 step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
                 mask = _combine(mask, step_mask)
@@ -323,12 +348,19 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and cfg.attention_dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        structured = None if not decode else False
-        out = scaled_dot_product_attention(
-            query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=cfg.attention_dropout_rate,
-            deterministic=deterministic, impl=cfg.attention_impl, sow=sow, is_causal=is_causal,
-            key_lengths=key_lengths, structured=structured,
-            where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
+        needs_weights = sow is not None or dropout_rng is not None
+        if head_major and not needs_weights:
+            _log_choice(f"decoder step {self.kind}", "einsum", "one query against the head-major decode cache")
+            out = cached_attention(query, key, value, mask)
+        else:
+            if head_major:
+                key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+            structured = None if not decode else False
+            out = scaled_dot_product_attention(
+                query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=cfg.attention_dropout_rate,
+                deterministic=deterministic, impl=cfg.attention_impl, sow=sow, is_causal=is_causal,
+                key_lengths=key_lengths, structured=structured,
+                where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                                kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
 

@@ -23,7 +23,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
 from jaxformer.config import check_lengths
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
-from jaxformer.model import Transformer, TransformerConfig, count_params
+from jaxformer.model import Transformer, TransformerConfig, accelerator_platform, count_params
 from jaxformer.optim import learning_rate_schedule, make_optimizer
 from jaxformer.preemption import Preempted, StopSignals
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
@@ -36,6 +36,15 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ config
+
+def _log_packed_attention(config) -> None:
+    """On a CUDA GPU, say why training attention is XLA's and not cuDNN's when batches are packed: packed
+    rows need segment masks, which cuDNN's fused attention does not take through the public
+    `jax.nn.dot_product_attention` API (it takes causal and padding-as-lengths masks only)."""
+    if (bool(config.data.get("pack", False)) and config.model.get("attention_impl", "auto") == "auto"
+            and accelerator_platform() == "cuda"):
+        log.info("data.pack=True: packed rows use segment masks, which cuDNN fused attention does not take, so "
+                 "training attention runs on XLA; set data.pack=False for cuDNN (more padding, several shapes)")
 
 
 def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
@@ -251,6 +260,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     log.info("model: %s parameters, vocabulary %d; %d device(s) over %d process(es); steps %d -> %d; workdir %s",
              f"{count_params(state.params):,}", trainer.tokenizer.vocab_size, jax.device_count(),
              jax.process_count(), start, t.steps, workdir)
+
+    _log_packed_attention(config)
 
     metrics = MetricsLog(workdir, start, enabled=trainer.is_chief)
     shape_stats: dict = {}

@@ -107,6 +107,45 @@ def constant_model(logit_values: dict[int, float], default: float = -4.0):
     return Transformer(cfg), params, np.asarray(log_probs)
 
 
+def bigram_model(next_log_probs: dict[int, dict[int, float]], floor: float = -30.0):
+    """A model whose next-token distribution depends on the previous token only: `next_log_probs[t]` maps
+    tokens to their log-prob after t (any other previous token: EOS); unlisted tokens get `floor`.
+
+    Every sub-layer's output projection is zeroed, so the decoder output is LayerNorm of the token's embedding
+    (the learned position table is zeroed too): e_t - e_(t+16), whose LayerNorm is 4 (e_t - e_(t+16)). The
+    output projection's row t then holds the wanted logits / 4. Returns (model, params, log_probs [16, 16]).
+    """
+    vocab, d = 16, 32
+    cfg = TransformerConfig(vocab_size=vocab, d_model=d, d_ff=32, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1, max_len=40, dropout_rate=0.0, tie_output=False,
+                            positional="learned")
+    params = jax.tree.map(np.array, init_params(cfg, jax.random.key(2)))
+    tree = params["params"]
+    layer = tree["decoder_0"]
+    for name in ("self_attention", "cross_attention"):
+        layer[name]["out"]["kernel"][:] = 0.0
+        layer[name]["out"]["bias"][:] = 0.0
+    layer["ffn"]["wo"]["kernel"][:] = 0.0
+    layer["ffn"]["wo"]["bias"][:] = 0.0
+    tree["decoder_embedder"]["positions"][:] = 0.0
+    embedding = tree["shared_embedding"]["embedding"]
+    embedding[:] = 0.0
+    logits = np.full((vocab, vocab), floor, np.float32)
+    logits[:, EOS_ID] = 0.0
+    for token in range(vocab):
+        embedding[token, token], embedding[token, token + vocab] = 1.0, -1.0
+        if token in next_log_probs:
+            logits[token, EOS_ID] = floor
+            for nxt, value in next_log_probs[token].items():
+                logits[token, nxt] = value
+    kernel = tree["output_projection"]["kernel"]
+    kernel[:] = 0.0
+    kernel[:vocab] = logits / 4.0
+    masked = logits.copy()
+    masked[:, [PAD_ID, BOS_ID]] = -1e9
+    return Transformer(cfg), params, np.asarray(jax.nn.log_softmax(jnp.asarray(masked), axis=-1))
+
+
 def sources(lengths, width, vocab_size, seed=0):
     """Rows of `n` random tokens + EOS, PAD-padded to `width`."""
     rng = np.random.default_rng(seed)
@@ -210,23 +249,72 @@ def test_max_length_is_input_length_plus_extra_and_capped(random_model, random_s
     beam, _ = beam_search(model, params, src, beam_size=4, max_extra_len=EXTRA)
     for tokens in (greedy, np.asarray(beam)):
         assert tokens.shape == (6, 9 + EXTRA)
-        assert (tokens != EOS_ID).all()
         np.testing.assert_array_equal(lengths_of(tokens), limits)
+        # EOS is forced at the limit (fairseq), and only there
+        np.testing.assert_array_equal(tokens[np.arange(6), limits - 1], EOS_ID)
+        assert (tokens == EOS_ID).sum() == 6
+    # eos_at_limit=False: the old rule, the hypothesis is cut at the limit without EOS
+    old_greedy = np.asarray(greedy_search(model, params, src, max_extra_len=EXTRA, eos_at_limit=False))
+    old_beam, _ = beam_search(model, params, src, beam_size=4, max_extra_len=EXTRA, eos_at_limit=False)
+    for tokens in (old_greedy, np.asarray(old_beam)):
+        np.testing.assert_array_equal(lengths_of(tokens), limits)
+        assert (tokens != EOS_ID).all()
     # max_len caps below that; the model's own max_len (40) caps the buffer.
     np.testing.assert_array_equal(lengths_of(greedy_search(model, params, src, max_len=7, max_extra_len=EXTRA)),
                                   np.minimum(limits, 7))
     assert greedy_search(model, params, src, max_extra_len=100).shape == (6, RANDOM_CFG.max_len)
 
 
-def test_a_beam_reaching_the_limit_without_eos_is_finished_there():
+@pytest.mark.parametrize("eos_at_limit", [True, False])
+def test_a_beam_reaching_the_limit_without_eos_is_finished_there(eos_at_limit):
     model, params, log_probs = constant_model({5: 2.0, 6: 1.0, EOS_ID: -8.0})
     src = sources([2, 4], 8, 16)
-    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA,
+                                 eos_at_limit=eos_at_limit)
     tokens = np.asarray(tokens)
     for row, limit in enumerate([3 + EXTRA, 5 + EXTRA]):
-        np.testing.assert_array_equal(tokens[row, :limit], 5)
         assert (tokens[row, limit:] == PAD_ID).all()
-        assert scores[row] == pytest.approx(limit * log_probs[5] / length_penalty(limit, 0.6), rel=1e-5)
+        if eos_at_limit:  # EOS forced at the limit, its log-prob counted
+            np.testing.assert_array_equal(tokens[row, :limit - 1], 5)
+            assert tokens[row, limit - 1] == EOS_ID
+            expected = ((limit - 1) * log_probs[5] + log_probs[EOS_ID]) / length_penalty(limit, 0.6)
+        else:  # cut at the limit without EOS, scored without it
+            np.testing.assert_array_equal(tokens[row, :limit], 5)
+            expected = limit * log_probs[5] / length_penalty(limit, 0.6)
+        assert scores[row] == pytest.approx(expected, rel=1e-5)
+    if eos_at_limit:  # the reported score is the rescored hypothesis, EOS included
+        np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, 0.6), rtol=1e-5)
+
+
+def test_a_looping_hypothesis_at_the_limit_pays_for_eos_and_loses_to_a_finished_one():
+    # After BOS: 5 (p 0.55) or 6 (0.45). After 5: EOS (0.8) -- the proper short translation "5 EOS". After 6:
+    # 6 again (p ~ 1), EOS almost never (1e-4): a loop that only the length limit stops.
+    model, params, log_probs = bigram_model({
+        BOS_ID: {5: math.log(0.55), 6: math.log(0.45)},
+        5: {EOS_ID: math.log(0.8), 7: math.log(0.2)},
+        6: {6: 0.0, EOS_ID: math.log(1e-4)},
+    })
+    src = sources([3, 5], 8, 16)
+    limits = np.array([4, 6]) + EXTRA
+    alpha = 0.6
+    proper = (log_probs[BOS_ID, 5] + log_probs[5, EOS_ID]) / length_penalty(2, alpha)
+    loop_uncharged = (log_probs[BOS_ID, 6] + (limits - 1) * log_probs[6, 6]) / length_penalty(limits, alpha)
+    loop_charged = (log_probs[BOS_ID, 6] + (limits - 2) * log_probs[6, 6] + log_probs[6, EOS_ID]) \
+        / length_penalty(limits, alpha)
+    assert (loop_uncharged > proper).all() and (loop_charged < proper).all()  # the model does what it should
+
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=alpha, max_extra_len=EXTRA)
+    tokens = np.asarray(tokens)
+    np.testing.assert_array_equal(tokens[:, :2], [[5, EOS_ID]] * 2)
+    assert (tokens[:, 2:] == PAD_ID).all()
+    np.testing.assert_allclose(scores, proper, rtol=1e-5)
+    np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, alpha), rtol=1e-5)
+    # The old rule (cut at the limit, no EOS cost) lets the repetition win: what the fairseq rule fixes.
+    old_tokens, old_scores = beam_search(model, params, src, beam_size=4, alpha=alpha, max_extra_len=EXTRA,
+                                         eos_at_limit=False)
+    for row, limit in enumerate(limits):
+        np.testing.assert_array_equal(np.asarray(old_tokens)[row, :limit], 6)
+    np.testing.assert_allclose(old_scores, loop_uncharged, rtol=1e-5)
 
 
 def test_eos_first_gives_an_empty_padded_hypothesis():
@@ -256,7 +344,7 @@ def test_length_penalty_alpha_moves_the_chosen_length():
         tokens, _ = beam_search(model, params, src, alpha=alpha, max_extra_len=EXTRA)
         for row, limit in enumerate(limits):
             by_length = [((n - 1) * log_probs[5] + log_probs[EOS_ID]) / length_penalty(n, alpha)
-                         for n in range(1, limit)] + [limit * log_probs[5] / length_penalty(limit, alpha)]
+                         for n in range(1, limit + 1)]  # EOS is forced at the limit
             assert lengths_of(tokens)[row] == int(np.argmax(by_length)) + 1, alpha
 
 

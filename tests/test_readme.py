@@ -9,6 +9,7 @@ with `data.source=files` on the local Multi30k copy: the same code after the loa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ import pytest
 from conftest import MULTI30K, REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 TINY_MODEL = ("--config.model.d_model=32 --config.model.d_ff=64 --config.model.num_heads=2 "
               "--config.model.num_encoder_layers=1 --config.model.num_decoder_layers=1 "
@@ -50,6 +52,9 @@ RULES = [
     (r"^python train\.py --config configs/multi30k\.py --config\.data\.source=files$", TINY_REAL),
     (r"^python train\.py --config configs/(multi30k|wmt14_base|wmt14_big)\.py", TINY_REAL + " " + FILES),
     (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
+    # PyTorch is a benchmark-only extra ('.[bench]'): the comparison runs where it is installed.
+    (r"^python benchmarks/train_vs_pytorch\.py", "--shapes small --repeats 1" if HAVE_TORCH else None),
+    (r"^python benchmarks/decode_speed\.py --random", "--sentences 2 --src-tokens 3 --max-len 6 --repeats 1"),
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
     (r"^python benchmarks/input_pipeline\.py", "--repeats 1 --wmt-pairs 2000 --vocab-size 500 --steps 4"),
@@ -149,6 +154,9 @@ def test_readme_commands_and_snippets_run(sandbox):
     translate_stdin = next(o for c, o in outputs.items() if c.startswith("echo"))
     assert len(translate_stdin.strip().splitlines()) == 1
     assert any("tokens_per_s" in o for c, o in outputs.items() if "train_throughput" in c)
+    assert any('"same_tokens": true' in o for c, o in outputs.items() if "--compare" in c)
+    if HAVE_TORCH:
+        assert any('"jax_over_torch_speed"' in o for c, o in outputs.items() if "train_vs_pytorch" in c)
     pipeline = [o for c, o in outputs.items() if "input_pipeline" in c]
     assert pipeline and all('"pass": "first"' in o and '"pass": "cached"' in o and "padding_efficiency" in o
                             for o in pipeline)
