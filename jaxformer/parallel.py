@@ -8,6 +8,7 @@ CPU, eight GPUs, or a multi-host TPU pod.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -225,13 +226,22 @@ def global_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
         yield shard_batch(pad_batch(batch, rows, length), mesh)
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process (one small all-gather; every process must call it together)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
+def any_process_later(flag: bool, mesh: Mesh) -> jax.Array:
+    """Start an all-reduce of `flag` over every process and return at once; `bool()` of the result is
+    whether any process's flag was true.
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+    The reduction is queued behind the device work already dispatched, so reading it a step later (as the
+    training loop does for its stop vote) waits only for the step before, while the next one keeps the
+    accelerator busy; a blocking all-gather every step would leave it idle while the host waits.
+    """
+    flags = jax.make_array_from_process_local_data(batch_sharded(mesh),
+                                                   np.full((len(mesh.local_devices),), flag, np.int32))
+    return _max_to_all(mesh)(flags) > 0
+
+
+@functools.lru_cache(maxsize=None)
+def _max_to_all(mesh: Mesh):
+    return jax.jit(lambda x: x.max(), out_shardings=replicated(mesh))
 
 
 def allgather_ints(value: int) -> list[int]:

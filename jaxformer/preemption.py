@@ -7,9 +7,10 @@ SIGTERM, 130 for SIGINT), and rerunning the same command resumes from that step.
 at once (KeyboardInterrupt), from the last checkpoint written.
 
 With several processes, a signal often reaches only some of them, or reaches them between different
-steps; the loop asks every process after each step (`parallel.any_process`) so that all stop after the
-same one. (JAX's own preemption notifier also watches SIGTERM once `jax.distributed` is initialised;
-these handlers take the signal over while the loop runs and give it back afterwards.)
+steps; every process votes after each step (`parallel.any_process_later`, read a step later so that the
+device never waits for it) and all stop after the same one. (JAX's own preemption notifier also watches
+SIGTERM once `jax.distributed` is initialised; these handlers take the signal over while the loop runs
+and give it back afterwards.)
 """
 
 from __future__ import annotations

@@ -305,6 +305,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     try:
         redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
         with redirect, StopSignals() as stop:  # log lines go above the progress bar
+            vote = None  # several processes: the stop vote started after the previous step
             for step in range(start + 1, t.steps + 1):
                 state, step_metrics = steps.update(state, [next(batches) for _ in range(accum)])
                 window.append((step, step_metrics))
@@ -322,8 +323,13 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if evaluate:
                     do_eval(step, state.params)
                 result["step"] = step
-                # Every process must stop after the same step, whichever got the signal.
-                stopping = stop.requested if jax.process_count() == 1 else parallel.any_process(stop.requested)
+                # Every process must stop after the same step, whichever got the signal: with several, they
+                # vote each step and act on the vote a step later, without waiting for the device.
+                if jax.process_count() == 1:
+                    stopping = stop.requested
+                else:
+                    stopping, vote = vote is not None and bool(vote), parallel.any_process_later(stop.requested,
+                                                                                                 trainer.mesh)
                 if stopping and not last:
                     if not save:
                         if window:

@@ -458,6 +458,12 @@ def test_stop_signals_are_handled_only_inside_and_restored_after():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_the_stop_vote_is_true_when_any_flag_is_and_readable_later():
+    mesh = parallel.make_mesh()  # every (forced CPU) device; the multi-process vote runs in test_multihost
+    yes, no = parallel.any_process_later(True, mesh), parallel.any_process_later(False, mesh)
+    assert yes.sharding.is_fully_replicated and bool(yes) and not bool(no)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_setup):
     run(tiny_config(tmp_path, synthetic_setup, steps=4))
     with pytest.raises(TrainingError, match=r"non-finite training loss at step \d+.*last good checkpoint is step 4"):
