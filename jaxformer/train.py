@@ -311,7 +311,14 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 window.append((step, step_metrics))
                 bar.update(1)
                 last = step == t.steps
-                save = last or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
+                # Every process must stop after the same step, whichever got the signal: with several, they
+                # vote each step and act on the vote a step later, without waiting for the device.
+                if jax.process_count() == 1:
+                    stopping = stop.requested
+                else:
+                    stopping, vote = vote is not None and bool(vote), parallel.any_process_later(stop.requested,
+                                                                                                 trainer.mesh)
+                save = last or stopping or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
                 if not save and t.checkpoint_every_minutes and step % t.log_every == 0:
                     save = _agree(time.monotonic() - last_save_time >= 60 * t.checkpoint_every_minutes)
                 evaluate = last or (t.eval_every and step % t.eval_every == 0)
@@ -323,18 +330,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if evaluate:
                     do_eval(step, state.params)
                 result["step"] = step
-                # Every process must stop after the same step, whichever got the signal: with several, they
-                # vote each step and act on the vote a step later, without waiting for the device.
-                if jax.process_count() == 1:
-                    stopping = stop.requested
-                else:
-                    stopping, vote = vote is not None and bool(vote), parallel.any_process_later(stop.requested,
-                                                                                                 trainer.mesh)
                 if stopping and not last:
-                    if not save:
-                        if window:
-                            flush()
-                        trainer.save(state, {"processes": parallel.allgather_json(train_batches.state_dict())})
                     trainer.store.wait()
                     name = stop.name or "a signal on another process"
                     message = (f"stopped by {name} after step {step}: checkpoint step {step} is in "
