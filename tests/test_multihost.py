@@ -318,7 +318,8 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_with_a_checkpoint
     assert ckpt.CheckpointStore(workdir / "checkpoints", read_only=True).steps == [stopped]
     assert f"stopped by SIGTERM after step {stopped}: checkpoint step {stopped} is in " in out1
     assert f"stopped by a signal on another process after step {stopped}: checkpoint step {stopped}" in out0
-    assert "rerun the same command to resume from it: python train.py --config " in out0.strip().splitlines()[-1]
+    python = os.path.basename(sys.executable)  # the interpreter the user ran, e.g. python3
+    assert f"rerun the same command to resume from it: {python} train.py --config " in out0.strip().splitlines()[-1]
 
 
 def test_a_process_with_an_empty_shard_stops_every_process_with_one_line(tmp_path, setup):

@@ -435,7 +435,8 @@ def test_sigterm_saves_the_current_step_and_rerunning_resumes_exactly(tmp_path, 
     assert ckpt.CheckpointStore(workdir / "checkpoints", read_only=True).steps == [stopped]  # none periodic
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"stopped by SIGTERM after step {stopped}: checkpoint step {stopped} is in ")
-    assert last_line.endswith(f"rerun the same command to resume from it: python train.py --config {recipe}")
+    python = os.path.basename(sys.executable)  # the interpreter the user ran, e.g. python3
+    assert last_line.endswith(f"rerun the same command to resume from it: {python} train.py --config {recipe}")
     # The same command (here with train.steps=14) resumes from that exact step and data position.
     run(tiny_config(workdir, synthetic_setup, steps=14))
     assert f"resumed from checkpoint step {stopped} " in (workdir / "train.log").read_text()
