@@ -35,6 +35,12 @@ its log-prob over the most favourable length penalty left (at the length limit
 when alpha >= 0), the bound of the Flax WMT / tensor2tensor beam search. Finished
 hypotheses are padded with PAD after their EOS.
 
+Beam search's caches: the cross-attention keys/values stay one per sentence, read by all its beams in one
+product; the self-attention cache has K slots per position that are written once and never moved, and a
+small [B, K, L] index of slots (each beam's ancestry) is all that follows the beams when they are reordered
+(`jaxformer.model.beam_search_cache`). Copying the whole cache by beam origin every step cost more than
+the step's attention; `benchmarks/decode_speed.py --random --compare` times it beside the old search.
+
 Compiled functions are cached per (model config, search settings); `jit` then
 caches per input shape, so callers should pad batches to a few bucket shapes
 (as `jaxformer.translate` does).
@@ -49,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.model import Transformer, TransformerConfig, init_cache
+from jaxformer.model import Transformer, TransformerConfig, beam_search_cache, init_cache
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
@@ -97,19 +103,35 @@ def output_limits(src: jax.Array, buffer_len: int, max_extra_len: int, pad_id: i
     return jnp.where(n == 0, 1, jnp.minimum(n + max_extra_len, buffer_len)).astype(jnp.int32)
 
 
-def _log_probs(logits: jax.Array) -> jax.Array:
-    """Log-softmax over the vocabulary with PAD and BOS excluded."""
+def _masked_logits(logits: jax.Array) -> jax.Array:
+    """Float32 logits with PAD and BOS set to NEG_INF: they are never generated."""
     logits = logits.astype(jnp.float32)
     never = (jnp.arange(logits.shape[-1]) == PAD_ID) | (jnp.arange(logits.shape[-1]) == BOS_ID)
-    logits = jnp.where(never, jnp.float32(NEG_INF), logits)  # one fused pass, same values as `.at[].set`
-    return jax.nn.log_softmax(logits, axis=-1)
+    return jnp.where(never, jnp.float32(NEG_INF), logits)  # one fused pass, same values as `.at[].set`
 
 
-def _decode_step(model: Transformer, variables, cache, encoded, src_mask, tokens):
-    """One cached decoder step: tokens [N] -> (log-probs [N, V], new cache)."""
+def _first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum, as int32) for finite x, as a max
+    and a min: XLA's CPU argmax (a variadic reduce) took 3.7x as long on [64, 8000] logits on a
+    2-core x86 machine."""
+    best = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == best, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
+def _log_probs(logits: jax.Array) -> jax.Array:
+    """Log-softmax over the vocabulary with PAD and BOS excluded."""
+    return jax.nn.log_softmax(_masked_logits(logits), axis=-1)
+
+
+def _decode_step(model: Transformer, variables, cache, encoded, src_mask, tokens, beams: int = 1,
+                 normalize: bool = True):
+    """One cached decoder step: tokens [N] -> (log-probs [N, V], new cache). With `beams` > 1 (later steps),
+    N = B * beams while src_mask and the cross-attention cache keep one row per sentence. normalize=False
+    returns the masked logits instead (same argmax, no softmax: all greedy search needs)."""
     logits, mutated = model.apply({**variables, "cache": cache}, encoded, src_mask, tokens[:, None],
-                                  decode=True, method=Transformer.decode, mutable=["cache"])
-    return _log_probs(logits[:, 0]), mutated["cache"]
+                                  decode=True, beams=beams, method=Transformer.decode, mutable=["cache"])
+    scores = _log_probs(logits[:, 0]) if normalize else _masked_logits(logits[:, 0])
+    return scores, mutated["cache"]
 
 
 def _is_cross_attention_leaf(path) -> bool:
@@ -137,11 +159,12 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
     src_mask, encoded = _encode(model, variables, src)
     cache = init_cache(cfg, batch, src_len, buffer_len)
-    log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
-                                    jnp.full((batch,), BOS_ID, jnp.int32))
+    # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
+    logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
+                                 jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
     if eos_at_limit:
-        log_probs = _force_eos(log_probs, limits <= 1)
-    first = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+        logits = _force_eos(logits, limits <= 1)
+    first = _first_argmax(logits)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
 
@@ -152,10 +175,10 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     def body(state):
         i, tokens, cache, done = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
-        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous)
+        logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
         if eos_at_limit:
-            log_probs = _force_eos(log_probs, i + 1 >= limits)
-        token = jnp.where(done, PAD_ID, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
+            logits = _force_eos(logits, i + 1 >= limits)
+        token = jnp.where(done, PAD_ID, _first_argmax(logits))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         done = done | (token == EOS_ID) | (i + 1 >= limits)
         return i + 1, tokens, cache, done
@@ -190,17 +213,17 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _reorder_cache(cache, origin: jax.Array, batch: int, beam_size: int):
-    """Gather the self-attention caches [B*K, ...] by the beams each new live beam extends.
+def _reorder_cache(cache, origin: jax.Array):
+    """Give each new live beam the history of the beam it extends (origin [B,K]).
 
-    Cross-attention keys/values are the same for every beam of a row, so a within-row reorder leaves them
-    unchanged: they are neither gathered nor recomputed. Scalars (step counters) are shared too.
+    Only the small `beam_slots` [B, K, L] indices move: they say which slot of the self-attention cache holds
+    each earlier position of a beam, and slots are never rewritten (see `beam_search_cache`), so the keys and
+    values stay where they are. Cross-attention keys/values are stored once per sentence and shared by its
+    beams; scalars (step counters) are shared too.
     """
     def gather(path, x):
-        if x.ndim == 0 or _is_cross_attention_leaf(path):
-            return x
-        x = x.reshape((batch, beam_size) + x.shape[1:])
-        return _gather_beams(x, origin).reshape((batch * beam_size,) + x.shape[2:])
+        names = [getattr(key, "key", str(key)) for key in path]
+        return _gather_beams(x, origin) if names and names[-1] == "beam_slots" else x
     return jax.tree_util.tree_map_with_path(gather, cache)
 
 
@@ -213,13 +236,14 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     alpha = jnp.asarray(alpha, jnp.float32)
 
     # The first step runs on B rows: every beam starts from the same BOS, so the cross-attention keys/values
-    # (and the BOS self-attention entry) are computed once per sentence and then repeated for the K beams.
+    # (and the BOS self-attention entry) are computed once per sentence. The self-attention caches then get
+    # K slots per sentence (`beam_search_cache`); the cross-attention ones stay [B, ...], and every later step
+    # reads them for all K beams of a sentence at once (`beams=k`), as it does src_mask [B,S].
     src_mask, encoded = _encode(model, variables, src)
     cache = init_cache(cfg, batch, src_len, buffer_len)
     first_log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                           jnp.full((batch,), BOS_ID, jnp.int32))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, cache)
-    src_mask = jnp.repeat(src_mask, k, axis=0)  # [B*K,S]
+    cache = beam_search_cache(cache, k)
     vocab = first_log_probs.shape[-1]
 
     def select(i, log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done):
@@ -267,7 +291,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     log_probs = jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab))
     live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
         jnp.int32(0), log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done)
-    cache = _reorder_cache(cache, origin, batch, k)
+    cache = _reorder_cache(cache, origin)
 
     def cond(state):
         i, *_, done, _ = state
@@ -276,10 +300,11 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     def body(state):
         i, live_seqs, live_scores, fin_seqs, fin_scores, done, cache = state
         previous = jax.lax.dynamic_index_in_dim(live_seqs, i - 1, axis=2, keepdims=False)  # [B,K]
-        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k))
+        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k),
+                                        beams=k)
         live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
             i, log_probs.reshape(batch, k, vocab), live_seqs, live_scores, fin_seqs, fin_scores, done)
-        cache = _reorder_cache(cache, origin, batch, k)
+        cache = _reorder_cache(cache, origin)
         return i + 1, live_seqs, live_scores, fin_seqs, fin_scores, done, cache
 
     state = (jnp.int32(1), live_seqs, live_scores, fin_seqs, fin_scores, done, cache)

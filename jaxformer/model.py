@@ -289,9 +289,13 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, memory=None, mask=None, *, deterministic=True, decode=False, is_causal=False,
-                 key_lengths=None):
+                 key_lengths=None, beams=1):
         """`mask` is the full boolean mask; `is_causal` / `key_lengths` [B] restate it for cuDNN (see
-        `scaled_dot_product_attention`); decode steps use the mask alone."""
+        `scaled_dot_product_attention`); decode steps use the mask alone.
+
+        `beams` (cross-attention decode steps that read the cache): x holds `beams` consecutive rows per
+        cached sentence ([B*beams, 1, D] against a [B, H, S, K] cache and a [B, ...] mask), so the encoder's
+        keys and values are stored and read once per sentence, not once per beam."""
         cfg = self.config
         h, dk, dv = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v
         dense = lambda feats, name: nn.DenseGeneral(  # noqa: E731
@@ -315,11 +319,20 @@ class MultiHeadAttention(nn.Module):
                     cached_key.value, cached_value.value = key, value
             else:
                 key, value = cached_key.value, cached_value.value
+                if beams > 1:  # the beams of a sentence become extra query positions against its keys
+                    query = query.reshape((key.shape[0], beams * query.shape[1]) + query.shape[2:])
             head_major = True
         else:
             source = x if self.kind == "self" else memory
             key = dense((h, dk), "key")(source)    # [B,S,H,K]
             value = dense((h, dv), "value")(source)  # [B,S,H,V]
+
+        if self.kind == "self" and decode and (beams > 1 or self.has_variable("cache", "beam_slots")):
+            if self.is_initializing() or not self.has_variable("cache", "beam_slots"):
+                raise ValueError("beam decode steps (beams > 1) need a cache from `beam_search_cache`")
+            out = self._beam_self_attention(query, key, value, beams)
+            return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                                   kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
 
         if self.kind == "self" and decode:
             initializing = not self.has_variable("cache", "cached_key")
@@ -352,6 +365,8 @@ class MultiHeadAttention(nn.Module):
         if head_major and not needs_weights:
             _log_choice(f"decoder step {self.kind}", "einsum", "one query against the head-major decode cache")
             out = cached_attention(query, key, value, mask)
+            if out.shape[0] != x.shape[0]:  # back from [B, beams*T, ...] to one row per beam
+                out = out.reshape(x.shape[:2] + out.shape[2:])
         else:
             if head_major:
                 key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
@@ -363,6 +378,52 @@ class MultiHeadAttention(nn.Module):
                 where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                                kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+
+
+    def _beam_self_attention(self, query, key, value, beams):
+        """One beam-search step of decoder self-attention without reordering the cache.
+
+        Every sentence has K cache slots per position: slot k of position t holds the key/value of the beam
+        that sat in row k when it was fed at step t, and is never rewritten. `beam_slots` [B, K, L] says, for
+        each live beam, which slot holds each of its earlier positions (its ancestors'); beam search permutes
+        only these indices when it reorders beams (`decode._reorder_cache`), not the keys and values, which
+        used to cost a copy of the whole cache per step. Each beam's query scores every slot of its sentence
+        at once ([K, d] x [d, L*K] per sentence and head, the cache read in place) and keeps, per position,
+        the slot of its own history; the value sum uses the same selection. Keys are stored [B, H, d, L*K]
+        and values [B, H, L*K, d_v] (position-major, slot-minor), the layouts those two products read
+        without a transpose. query/key/value [B*K, 1, H, d] -> [B*K, 1, H, d_v].
+        """
+        slots = self.variable("cache", "beam_slots", jnp.zeros, (), jnp.int32)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, (), key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, (), value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        batch, k, length = slots.value.shape
+        if query.shape[1] != 1 or k != beams:
+            raise ValueError(f"beam decode steps take one token for each of {k} beams, got "
+                             f"{query.shape[1]} tokens and beams={beams}")
+        index = cache_index.value
+        by_sentence = lambda a: jnp.swapaxes(a.reshape((batch, k) + a.shape[2:]), 1, 2)  # noqa: E731 [B,H,K,d]
+        keys = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(by_sentence(key), 2, 3),
+                                            (0, 0, 0, index * k))
+        values = jax.lax.dynamic_update_slice(cached_value.value, by_sentence(value), (0, 0, index * k, 0))
+        history = jax.lax.dynamic_update_slice(
+            slots.value, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (batch, k, 1)),
+            (0, 0, index))
+        cached_key.value, cached_value.value, slots.value = keys, values, history
+        cache_index.value = index + 1
+
+        heads = keys.shape[1]
+        scores = jnp.einsum("bhkd,bhdn->bhkn", by_sentence(query), keys, preferred_element_type=jnp.float32)
+        scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query, slot j at each position
+        mine = history[:, None, :, :, None] == jnp.arange(k, dtype=jnp.int32)  # [B,1,K,L,J]
+        logits = jnp.sum(jnp.where(mine, scores, 0.0), axis=-1) * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+        seen = jnp.arange(length) <= index  # the new query sees positions 0..index
+        logits = jnp.where(seen, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+        probs = jax.nn.softmax(logits, axis=-1)  # [B,H,K,L]
+        weights = jnp.where(mine, probs[..., None], 0.0).reshape(batch, heads, k, length * k).astype(values.dtype)
+        out = jnp.einsum("bhkn,bhnv->bhkv", weights, values, preferred_element_type=jnp.float32)
+        return jnp.swapaxes(out, 1, 2).reshape(query.shape[:2] + out.shape[1:2] + out.shape[3:]).astype(
+            query.dtype)
 
 
 class FeedForward(nn.Module):
@@ -419,17 +480,17 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, y, memory, self_mask, cross_mask, *, deterministic=True, decode=False, is_causal=False,
-                 memory_lengths=None):
+                 memory_lengths=None, beams=1):
         cfg = self.config
         self_attn = MultiHeadAttention(cfg, "self", self.record_weights, name="self_attention")
         y = SubLayer(cfg, name="self_attention_block")(
             lambda z: self_attn(z, mask=self_mask, deterministic=deterministic, decode=decode,
-                                is_causal=is_causal),
+                                is_causal=is_causal, beams=beams),
             y, deterministic=deterministic)
         cross_attn = MultiHeadAttention(cfg, "cross", self.record_weights, name="cross_attention")
         y = SubLayer(cfg, name="cross_attention_block")(
             lambda z: cross_attn(z, memory, mask=cross_mask, deterministic=deterministic, decode=decode,
-                                 key_lengths=memory_lengths),
+                                 key_lengths=memory_lengths, beams=beams),
             y, deterministic=deterministic)
         ffn = FeedForward(cfg, name="ffn")
         return SubLayer(cfg, name="ffn_block")(
@@ -529,11 +590,14 @@ class Transformer(nn.Module):
         return x
 
     def decode(self, encoded, src_mask, tgt_in, *, tgt_segments=None, src_segments=None, tgt_positions=None,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, beams=1):
         """Logits [B,T,vocab] (float32) for decoder input tgt_in [B,T] given encoded [B,S,D].
 
         src_mask [B,S] is True on real source tokens. With decode=True, tgt_in is one token [B,1]; pass the
         encoder output on the first step and encoded=None afterwards (its keys/values are then cached).
+        On those later steps, `beams` > 1 says tgt_in holds `beams` consecutive rows per sentence
+        ([B*beams, 1]) while src_mask and the cross-attention cache hold one row per sentence ([B, ...]);
+        the self-attention cache then has B*beams rows.
         """
         cfg = self.config
         # Structured restatements of the masks, for cuDNN (right padding): causal alone matches the dense
@@ -553,7 +617,7 @@ class Transformer(nn.Module):
         y = self.decoder_embedder(tgt_in, tgt_positions, deterministic=deterministic, decode=decode)
         for layer in self.decoder_layers:
             y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
-                      is_causal=is_causal, memory_lengths=memory_lengths)
+                      is_causal=is_causal, memory_lengths=memory_lengths, beams=beams)
         if cfg.norm == "pre":
             y = self.decoder_norm(y)
         if cfg.tie_output:  # the pre-softmax projection shares the embedding (3.4)
@@ -587,6 +651,29 @@ def init_cache(config: TransformerConfig, batch_size: int, src_len: int, max_dec
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), encoded, src_mask, tgt, decode=True, method=Transformer.decode))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+
+
+def beam_search_cache(cache, beams: int):
+    """Turn the cache of a first decode step on B rows (one per sentence) into the cache of beam steps
+    (`Transformer.decode(..., beams=K)` on B*K rows): every self-attention position gets K slots, each
+    holding the first step's entry (keys [B, H, L, d] -> [B, H, d, L*K], values -> [B, H, L*K, d]), plus
+    `beam_slots` [B, K, L] (see `MultiHeadAttention._beam_self_attention`); cross-attention keys/values stay
+    one per sentence."""
+    def convert(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        tree = {name: convert(sub) for name, sub in tree.items()}
+        if "cached_key" in tree:
+            key, value = tree["cached_key"], tree["cached_value"]  # [B, H, L, d]
+            b, h, length = key.shape[:3]
+            key = jnp.swapaxes(key, 2, 3)  # [B, H, d, L]
+            tree["cached_key"] = jnp.broadcast_to(key[..., None], key.shape + (beams,)).reshape(
+                b, h, key.shape[2], length * beams)
+            tree["cached_value"] = jnp.broadcast_to(value[:, :, :, None], (b, h, length, beams) + value.shape[3:]
+                                                    ).reshape(b, h, length * beams, value.shape[3])
+            tree["beam_slots"] = jnp.zeros((b, beams, length), jnp.int32)
+        return tree
+    return convert(cache)
 
 
 def count_params(params) -> int:

@@ -22,7 +22,8 @@ from flax import linen as nn
 from jaxformer import decode
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from jaxformer.decode import beam_search, greedy_search, length_penalty, score_sequences
-from jaxformer.model import MultiHeadAttention, Transformer, TransformerConfig, init_cache, init_params
+from jaxformer.model import (MultiHeadAttention, Transformer, TransformerConfig, beam_search_cache, init_cache,
+                             init_params)
 
 RANDOM_CFG = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
                                num_decoder_layers=2, max_len=40, dropout_rate=0.0)
@@ -408,6 +409,36 @@ def test_cached_cross_attention_is_read_not_rewritten(random_model):
     for name in ("cross_key", "cross_value"):
         np.testing.assert_array_equal(cache["decoder_0"]["cross_attention"][name], first[name])
         assert np.abs(first[name]).sum() > 0
+
+
+def test_beam_steps_share_cross_attention_and_reorder_only_slot_indices(random_model):
+    """Beam steps (`beams=K`, a `beam_search_cache`, `_reorder_cache` moving only `beam_slots`) give the
+    log-probs of plain decode steps on B*K rows whose whole cache (and src_mask) is repeated per beam and
+    physically gathered by each step's beam origins, the way beam search used to reorder it."""
+    model, params = random_model
+    src = jnp.asarray(sources([3, 5], 7, RANDOM_CFG.vocab_size))
+    encoded = model.apply(params, src, method=Transformer.encode)
+    step = jax.jit(functools.partial(decode._decode_step, model), static_argnames="beams")
+    _, first = step(params, init_cache(RANDOM_CFG, 2, 7, 6), encoded, src != PAD_ID, jnp.full((2,), BOS_ID))
+    k, rng = 3, np.random.default_rng(0)
+
+    def gather_rows(cache, origin):  # the old reorder: every [B*K, ...] leaf gathered by origin [B,K]
+        rows = (np.arange(2)[:, None] * k + origin).reshape(-1)
+        return jax.tree.map(lambda x: x[rows] if x.ndim else x, cache)
+
+    plain = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, first)
+    shared = beam_search_cache(first, k)
+    for _ in range(4):
+        tokens = jnp.asarray(rng.integers(4, RANDOM_CFG.vocab_size, 2 * k))
+        expected, plain = step(params, plain, None, jnp.repeat(src != PAD_ID, k, axis=0), tokens)
+        got, shared = step(params, shared, None, src != PAD_ID, tokens, beams=k)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        origin = rng.integers(0, k, (2, k))  # beams swap, die and fork
+        plain, shared = gather_rows(plain, origin), decode._reorder_cache(shared, jnp.asarray(origin))
+    layer = shared["decoder_0"]
+    assert layer["cross_attention"]["cross_key"].shape[0] == 2  # one per sentence, never repeated
+    assert layer["self_attention"]["beam_slots"].shape == (2, k, 6)
+    assert layer["self_attention"]["cached_value"].shape == (2, RANDOM_CFG.num_heads, 6 * k, RANDOM_CFG.head_dim_v)
 
 
 def test_compiled_searches_are_reused_for_the_same_shapes(random_model, random_src):
