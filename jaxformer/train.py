@@ -30,6 +30,12 @@ from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
 
 log = logging.getLogger(__name__)
 
+# Steps the host may dispatch beyond the last one the device has finished. Two keep the device fed (the
+# next step is queued while one runs) and bound how late a stop request is seen: without a bound the host
+# ran up to train.log_every steps ahead (it only waited when it fetched metrics), so a SIGTERM was honoured
+# 33 steps (70 s) after it arrived on Multi30k, past the ~30 s grace of a cloud preemption.
+_STEPS_AHEAD = 2
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says what to do."""
@@ -309,6 +315,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             for step in range(start + 1, t.steps + 1):
                 state, step_metrics = steps.update(state, [next(batches) for _ in range(accum)])
                 window.append((step, step_metrics))
+                if len(window) > _STEPS_AHEAD:  # bound how far the host runs ahead of the device
+                    jax.block_until_ready(window[-1 - _STEPS_AHEAD][1]["loss"])
                 bar.update(1)
                 last = step == t.steps
                 # Every process must stop after the same step, whichever got the signal: with several, they
