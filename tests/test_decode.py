@@ -411,6 +411,13 @@ def test_cached_cross_attention_is_read_not_rewritten(random_model):
         assert np.abs(first[name]).sum() > 0
 
 
+def test_greedy_argmax_takes_the_first_of_tied_maxima_like_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (50, 17)).astype(np.float32)  # many ties
+    x[0] = 1.0  # every entry tied
+    np.testing.assert_array_equal(np.asarray(decode._first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_beam_steps_share_cross_attention_and_reorder_only_slot_indices(random_model):
     """Beam steps (`beams=K`, a `beam_search_cache`, `_reorder_cache` moving only `beam_slots`) give the
     log-probs of plain decode steps on B*K rows whose whole cache (and src_mask) is repeated per beam and
