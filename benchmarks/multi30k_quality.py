@@ -4,6 +4,13 @@
     python benchmarks/multi30k_quality.py --steps 200          # a quick look
     python benchmarks/multi30k_quality.py --skip-training      # only re-score an existing run
     python benchmarks/multi30k_quality.py --skip-training --split valid --set decode.beam_size=5
+    python benchmarks/multi30k_quality.py --minutes 44.4   # a wall-clock budget (see below)
+
+--minutes M stops training after M minutes of wall-clock (start-up included): the process sends itself
+SIGTERM, the training loop saves the step it is in, and scoring goes on with that run. A rerun with the same
+--workdir resumes, so a budget may be spent in several runs (the minutes then add up). The issue's budgets
+are minutes on a machine where PyTorch's small step (`python benchmarks/train_vs_pytorch.py --shapes small`)
+takes 1.4 s; on another machine, scale them by its PyTorch step time / 1.4 s.
 
 Prints, as JSON lines and a table: training wall-clock time, steps and seconds per step (wall-clock over
 steps, start-up included), and cased sacreBLEU with, beside it, lowercased sacreBLEU (each with its
@@ -20,7 +27,9 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,6 +47,8 @@ def main(argv=None):
                         help="folder with train/val/test2016 .en/.de")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop training after this many minutes of wall-clock (it saves the step it is in)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set model.d_model=128 (repeatable)")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N sentences of each split")
@@ -52,6 +63,7 @@ def main(argv=None):
 
     from jaxformer.cli import parse_overrides
     from jaxformer.evaluate import run_evaluation
+    from jaxformer.preemption import Preempted
     from jaxformer.train import run
 
     config = multi30k.get_config()
@@ -73,7 +85,19 @@ def main(argv=None):
     rows = []
     if not args.skip_training:
         start = time.time()
-        result = run(config)
+        timer = None
+        if args.minutes is not None:  # the loop's own SIGTERM handling saves the current step and stops
+            timer = threading.Timer(args.minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+        try:
+            result = run(config)
+        except Preempted as stopped:
+            print(f"# {stopped}")
+            result = {"step": stopped.step}
+        finally:
+            if timer is not None:
+                timer.cancel()
         minutes = (time.time() - start) / 60
         rows.append({"what": "train", "steps": result["step"], "minutes": minutes,
                      "s_per_step": 60 * minutes / max(result["step"], 1),
