@@ -293,14 +293,18 @@ class MultiHeadAttention(nn.Module):
         """`mask` is the full boolean mask; `is_causal` / `key_lengths` [B] restate it for cuDNN (see
         `scaled_dot_product_attention`); decode steps use the mask alone.
 
-        `beams` (cross-attention decode steps that read the cache): x holds `beams` consecutive rows per
-        cached sentence ([B*beams, 1, D] against a [B, H, S, K] cache and a [B, ...] mask), so the encoder's
-        keys and values are stored and read once per sentence, not once per beam."""
+        `beams` (beam-search decode steps after the first): x holds `beams` consecutive rows per sentence
+        ([B*beams, 1, D]). Cross-attention reads a [B, H, S, K] cache and a [B, ...] mask, so the encoder's
+        keys and values are stored and read once per sentence, not once per beam; self-attention reads the
+        slot cache of `beam_search_cache` (see `_beam_self_attention`)."""
         cfg = self.config
         h, dk, dv = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v
         dense = lambda feats, name: nn.DenseGeneral(  # noqa: E731
             feats, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(), name=name)
+        project = lambda out: nn.DenseGeneral(  # noqa: E731  the heads' outputs, concatenated, to D
+            cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
         query = dense((h, dk), "query")(x)  # [B,T,H,K]
 
         head_major = False  # decode caches hold keys/values as [B,H,S,K] (see `cached_attention`)
@@ -330,9 +334,7 @@ class MultiHeadAttention(nn.Module):
         if self.kind == "self" and decode and (beams > 1 or self.has_variable("cache", "beam_slots")):
             if self.is_initializing() or not self.has_variable("cache", "beam_slots"):
                 raise ValueError("beam decode steps (beams > 1) need a cache from `beam_search_cache`")
-            out = self._beam_self_attention(query, key, value, beams)
-            return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                                   kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+            return project(self._beam_self_attention(query, key, value, beams))
 
         if self.kind == "self" and decode:
             initializing = not self.has_variable("cache", "cached_key")
@@ -376,9 +378,7 @@ class MultiHeadAttention(nn.Module):
                 deterministic=deterministic, impl=cfg.attention_impl, sow=sow, is_causal=is_causal,
                 key_lengths=key_lengths, structured=structured,
                 where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
-        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                               kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
-
+        return project(out)
 
     def _beam_self_attention(self, query, key, value, beams):
         """One beam-search step of decoder self-attention without reordering the cache.
@@ -414,7 +414,7 @@ class MultiHeadAttention(nn.Module):
 
         heads = keys.shape[1]
         scores = jnp.einsum("bhkd,bhdn->bhkn", by_sentence(query), keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query, slot j at each position
+        scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query x slot j, per position
         mine = history[:, None, :, :, None] == jnp.arange(k, dtype=jnp.int32)  # [B,1,K,L,J]
         logits = jnp.sum(jnp.where(mine, scores, 0.0), axis=-1) * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
         seen = jnp.arange(length) <= index  # the new query sees positions 0..index
@@ -597,7 +597,7 @@ class Transformer(nn.Module):
         encoder output on the first step and encoded=None afterwards (its keys/values are then cached).
         On those later steps, `beams` > 1 says tgt_in holds `beams` consecutive rows per sentence
         ([B*beams, 1]) while src_mask and the cross-attention cache hold one row per sentence ([B, ...]);
-        the self-attention cache then has B*beams rows.
+        the self-attention cache is then the slot cache of `beam_search_cache`.
         """
         cfg = self.config
         # Structured restatements of the masks, for cuDNN (right padding): causal alone matches the dense
