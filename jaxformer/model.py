@@ -15,6 +15,7 @@ sentence, on the first cached step, and read from the cache on every later one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable, Mapping
@@ -531,7 +532,33 @@ class Embedder(nn.Module):
 def output_logits(y: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """y [B,T,D] @ kernel [D,vocab] -> float32 logits: compute-dtype inputs, float32 accumulation and output
     (bfloat16 logits would round the loss and the search scores)."""
-    return jnp.einsum("btd,dv->btv", y.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return _project(y, kernel, jnp.dtype(dtype))
+
+
+def _product(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(y, kernel, dtype):
+    return _product("btd,dv->btv", y, kernel, dtype)
+
+
+def _project_forward(y, kernel, dtype):
+    return _project(y, kernel, dtype), (y, kernel)
+
+
+def _project_backward(dtype, residuals, g):
+    """The two products of the backward pass, written out: differentiated automatically, XLA CPU copied
+    the [tokens, vocab] gradient into a transposed layout for the kernel's product (~150 ms of a 1.3 s
+    step on the small benchmark shape); as [D, vocab] = yᵀ g it reads g where it lies."""
+    y, kernel = residuals
+    dy = _product("btv,dv->btd", g, kernel, dtype)
+    dkernel = _product("btd,btv->dv", y, g, dtype)
+    return dy.astype(y.dtype), dkernel.astype(kernel.dtype)
+
+
+_project.defvjp(_project_forward, _project_backward)
 
 
 class OutputProjection(nn.Module):

@@ -18,7 +18,7 @@ import optax
 
 from jaxformer import parallel
 from jaxformer.data import PAD_ID
-from jaxformer.loss import token_losses
+from jaxformer.loss import token_statistics
 from jaxformer.model import Transformer
 
 
@@ -43,8 +43,8 @@ def _loss_sums(params, batch, rng, *, model: Transformer, smoothing: float, dete
                          **{k: batch[k] for k in _OPTIONAL_FIELDS if k in batch})  # [B,T,V] float32
     targets = batch["tgt_out"]
     weights = (targets != PAD_ID).astype(jnp.float32)
-    smoothed, nll = token_losses(logits, targets, smoothing)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    smoothed, nll, correct = token_statistics(logits, targets, smoothing)
+    correct = correct.astype(jnp.float32)
     sums = {"loss": jnp.sum(smoothed * weights), "nll": jnp.sum(nll * weights),
             "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
     return sums["loss"], sums

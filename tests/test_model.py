@@ -166,6 +166,32 @@ def test_bfloat16_logits_are_not_rounded_to_bfloat16():
         assert np.mean(logits != logits.astype(jnp.bfloat16).astype(np.float32)) > 0.5
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_projection_gradients_equal_the_plain_product(dtype):
+    # output_logits writes its backward pass by hand (for the weight gradient's layout); it must be the
+    # gradient of the einsum it computes, for both y and the kernel, to the compute dtype's precision (in
+    # bfloat16 it multiplies the float32 gradient rounded to bfloat16, autodiff may round afterwards).
+    y = jax.random.normal(jax.random.key(0), (2, 3, 8)).astype(dtype)
+    kernel = jax.random.normal(jax.random.key(1), (8, 13))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 3, 13))
+
+    def plain(y, kernel):
+        return jnp.einsum("btd,dv->btv", y.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+    def projected(y, kernel):
+        return model_lib.output_logits(y, kernel, dtype)
+
+    for fn in (plain, projected):
+        assert fn(y, kernel).dtype == jnp.float32
+    got = jax.grad(lambda *a: jnp.sum(projected(*a) * cotangent), argnums=(0, 1))(y, kernel)
+    want = jax.grad(lambda *a: jnp.sum(plain(*a) * cotangent), argnums=(0, 1))(y, kernel)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=1e-5, atol=1e-5 if dtype == "float32" else 0.06)
+
+
 @pytest.mark.parametrize("platform, dtype, head, extra, expected", [
     ("cuda", jnp.bfloat16, 64, {}, "cudnn"),
     ("cuda", jnp.float16, 128, {}, "cudnn"),

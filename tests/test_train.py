@@ -23,7 +23,7 @@ from jaxformer import parallel
 from jaxformer.config import default_config
 from jaxformer.data import PAD_ID, Tokenizer, make_batches
 from jaxformer.model import Transformer, TransformerConfig
-from jaxformer.loss import label_smoothed_cross_entropy, token_losses
+from jaxformer.loss import label_smoothed_cross_entropy, token_losses, token_statistics
 from jaxformer.optim import learning_rate_schedule, make_optimizer
 from jaxformer.steps import Steps
 from jaxformer.train import TrainingError, check_train_config, run
@@ -149,6 +149,35 @@ def test_label_smoothing_matches_a_hand_computation():
     assert float(token_losses(q_logits, jnp.asarray([1]), eps)[0][0]) == pytest.approx(0.0, abs=1e-6)
     plain, _ = label_smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), 0.0)
     assert float(plain) == pytest.approx(expected_nll, rel=1e-5)
+
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_loss_gradient_equals_autodiff_of_the_textbook_formula(smoothing, dtype):
+    # token_statistics' hand-written backward pass (softmax - q in one pass) against jax.grad of
+    # log_softmax + take_along_axis, for any mix of cotangents on the smoothed loss and the nll.
+    logits = (3 * jax.random.normal(jax.random.key(0), (3, 5, 11))).astype(dtype)
+    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
+    w_loss, w_nll = jax.random.uniform(jax.random.key(2), (2, 3, 5))
+
+    def textbook(x):
+        log_probs = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        true = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        low = smoothing / 10
+        smoothed = -((1 - smoothing) * true + low * (jnp.sum(log_probs, axis=-1) - true))
+        return jnp.sum(w_loss * smoothed) - jnp.sum(w_nll * true)
+
+    def fused(x):
+        smoothed, nll, _ = token_statistics(x, targets, smoothing)
+        return jnp.sum(w_loss * smoothed) + jnp.sum(w_nll * nll)
+
+    grad = jax.grad(fused)(logits)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(jax.grad(textbook)(logits), np.float32),
+                               atol=1e-6 if dtype == jnp.float32 else 1e-2)
+    correct = token_statistics(logits, targets, smoothing)[2]
+    np.testing.assert_array_equal(correct, jnp.argmax(logits, axis=-1) == targets)
 
 
 # ------------------------------------------------------------------------------------------------ steps
