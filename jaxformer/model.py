@@ -550,8 +550,9 @@ def _project_forward(y, kernel, dtype):
 
 def _project_backward(dtype, residuals, g):
     """The two products of the backward pass, written out: differentiated automatically, XLA CPU copied
-    the [tokens, vocab] gradient into a transposed layout for the kernel's product (~150 ms of a 1.3 s
-    step on the small benchmark shape); as [D, vocab] = yᵀ g it reads g where it lies."""
+    the [tokens, vocab] gradient into a transposed layout for the kernel's product (a loop fusion of
+    ~150 ms in a ~1.3 s step of the small benchmark shape, 2-core CPU); written as [D, vocab] = yᵀ g, it
+    transposes y [tokens, D] instead."""
     y, kernel = residuals
     dy = _product("btv,dv->btd", g, kernel, dtype)
     dkernel = _product("btd,btv->dv", y, g, dtype)
