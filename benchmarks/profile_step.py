@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                         # small shape of train_vs_pytorch.py
     python benchmarks/profile_step.py --shape multi30k        # real Multi30k batches, configs/multi30k.py
     python benchmarks/profile_step.py --top 40 --trace-dir /tmp/step_trace   # keep the trace (Perfetto / TensorBoard)
+    python benchmarks/profile_step.py --textbook-head   # the loss head before jaxformer/loss.py (loss_head.py)
 
 Traces `--steps` train steps after warm-up and prints, per step: the busiest XLA ops by thread time, each
 with its output shape and the JAX operation it came from (from the compiled HLO's metadata), the thread
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -35,7 +37,7 @@ from jaxformer.config import default_config  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
 from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
-from loss_head import multi30k_setup  # noqa: E402
+from loss_head import multi30k_setup, textbook_head  # noqa: E402
 from train_vs_pytorch import SHAPES, make_batch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
+    parser.add_argument("--textbook-head", action="store_true",
+                        help="compile the step with loss_head.py's textbook loss head, for comparison")
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     args = parser.parse_args(argv)
     print(f"# device: {device_summary()}; {os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -102,10 +106,11 @@ def main(argv=None):
         batches = [parallel.shard_batch(b, mesh) for b in host]
         steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1)
         state = steps.init_state(seed=0)
-        metadata = op_metadata(steps.train.lower(state, batches[0]).compile().as_text())
-        for batch in batches[:2]:  # compile and warm up
-            state, metrics = steps.train(state, batch)
-            jax.block_until_ready(metrics["loss"])
+        with textbook_head() if args.textbook_head else contextlib.nullcontext():  # matters while tracing
+            metadata = op_metadata(steps.train.lower(state, batches[0]).compile().as_text())
+            for batch in batches[:2]:  # compile and warm up
+                state, metrics = steps.train(state, batch)
+                jax.block_until_ready(metrics["loss"])
         trace_dir = args.trace_dir or os.path.join(tmp, "trace")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for i in range(args.steps):
