@@ -11,6 +11,10 @@ runs to the cap: the search's worst case, and no early stopping. Only the compil
 --compare also times `benchmarks/_baseline_decode.py` (the search before the speed work), interleaved
 with the current one (repeat by repeat), checks that both return the same tokens and prints the ratio.
 
+On a CPU, every core is a JAX device (`parallel.use_every_cpu_core()`, as `jaxformer translate` and
+`evaluate` do) and the current search splits the batch over them ("current"); "current_one_device" is the
+same search on one device, and the baseline runs on one device as it did. --one-device skips the split.
+
 --model: a trained model over test2016; each search runs once to compile its shapes, then is timed over
 the same sentences (median of --repeats passes), tokenization and detokenization included (what
 `jaxformer translate` costs per sentence once compiled).
@@ -38,7 +42,7 @@ def random_mode(args) -> list[dict]:
 
     import _baseline_decode
     import _baseline_model
-    from jaxformer import decode
+    from jaxformer import decode, parallel
     from jaxformer.data import EOS_ID
     from jaxformer.model import TransformerConfig, init_params
 
@@ -49,24 +53,29 @@ def random_mode(args) -> list[dict]:
     src = np.zeros((args.sentences, args.src_tokens + 1), np.int32)
     src[:, :-1] = rng.integers(4, cfg.vocab_size, (args.sentences, args.src_tokens))
     src[:, -1] = EOS_ID
-    src = jax.device_put(src)
-    impls = {"current": (decode, cfg)}
+    sharding = parallel.local_batch_sharding(len(src))
+    inputs = {"one": (jax.device_put(params, jax.devices()[0]), jax.device_put(src, jax.devices()[0]))}
+    impls = {"current": (decode, cfg, "one")}
+    if sharding is not None:  # the batch split over this process's devices (the CPU's cores)
+        inputs["split"] = (parallel.replicate(params, sharding.mesh), jax.device_put(src, sharding))
+        impls = {"current": (decode, cfg, "split"), "current_one_device": (decode, cfg, "one")}
     if args.compare:  # the old search over the old model module (same parameters)
-        impls["baseline"] = (_baseline_decode, _baseline_model.TransformerConfig(**cfg.to_dict()))
+        impls["baseline"] = (_baseline_decode, _baseline_model.TransformerConfig(**cfg.to_dict()), "one")
     rows = []
     for name, beam in (("greedy", 1), ("beam4", 4)):
         runs = {}
-        for impl, (module, config) in impls.items():
+        for impl, (module, config, where) in impls.items():
+            p, s = inputs[where]
             if beam == 1:
-                runs[impl] = lambda m=module, c=config: m.greedy_search(c, params, src, max_len=args.max_len)
+                runs[impl] = lambda m=module, c=config, p=p, s=s: m.greedy_search(c, p, s, max_len=args.max_len)
             else:
-                runs[impl] = lambda m=module, c=config: m.beam_search(c, params, src, beam_size=beam,
-                                                                      max_len=args.max_len)[0]
+                runs[impl] = lambda m=module, c=config, p=p, s=s: m.beam_search(c, p, s, beam_size=beam,
+                                                                                max_len=args.max_len)[0]
         outputs = {impl: np.asarray(jax.block_until_ready(run())) for impl, run in runs.items()}  # compile
         if beam > 1:  # the scores too, to say how far apart the two searches' numbers are
-            scores = {impl: np.asarray(module.beam_search(config, params, src, beam_size=beam,
+            scores = {impl: np.asarray(module.beam_search(config, *inputs[where], beam_size=beam,
                                                           max_len=args.max_len)[1])
-                      for impl, (module, config) in impls.items()}
+                      for impl, (module, config, where) in impls.items()}
         times = {impl: [] for impl in runs}
         for _ in range(args.repeats):
             for impl, run in runs.items():
@@ -79,14 +88,14 @@ def random_mode(args) -> list[dict]:
                    "sentences": args.sentences, "src_tokens": args.src_tokens, "max_len": args.max_len,
                    "seconds": medians[impl], "seconds_all": times[impl],
                    "sentences_per_s": args.sentences / medians[impl]}
-            if impl == "current" and "baseline" in runs:
-                ratios = sorted(b / c for b, c in zip(times["baseline"], times["current"]))
+            if impl.startswith("current") and "baseline" in runs:
+                ratios = sorted(b / c for b, c in zip(times["baseline"], times[impl]))
                 row["speedup"] = ratios[len(ratios) // 2]  # median of the per-repeat ratios
                 row["speedup_range"] = [ratios[0], ratios[-1]]
-                row["same_tokens"] = bool(np.array_equal(outputs["current"], outputs["baseline"]))
-                row["rows_differing"] = int((outputs["current"] != outputs["baseline"]).any(axis=1).sum())
+                row["same_tokens"] = bool(np.array_equal(outputs[impl], outputs["baseline"]))
+                row["rows_differing"] = int((outputs[impl] != outputs["baseline"]).any(axis=1).sum())
                 if beam > 1:
-                    row["max_score_diff"] = float(np.max(np.abs(scores["current"] - scores["baseline"])))
+                    row["max_score_diff"] = float(np.max(np.abs(scores[impl] - scores["baseline"])))
             rows.append(row)
     return rows
 
@@ -126,7 +135,11 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="first N sentences only")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None, help="default: 5 with --random, else 1")
+    parser.add_argument("--one-device", action="store_true", help="do not split the batch over the CPU's cores")
     args = parser.parse_args(argv)
+    if not args.one_device:
+        from jaxformer import parallel
+        parallel.use_every_cpu_core()
     if args.repeats is None:
         args.repeats = 5 if args.random else 1
     print(f"# device: {device_summary()}")

@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("translate", "evaluate"):  # their searches split each batch over the cores
+        from jaxformer import parallel
+        parallel.use_every_cpu_core()
     try:
         if args.command == "translate":
             return _cmd_translate(args)

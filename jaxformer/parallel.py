@@ -128,6 +128,31 @@ def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] 
     return True
 
 
+def use_every_cpu_core() -> bool:
+    """Expose each CPU core as a JAX CPU device (`jax_num_cpu_devices`), so that work split over a batch
+    (the searches of `translate`) runs on all of them: XLA CPU runs most of a decode step's small ops on
+    one thread, one op at a time. Call before anything initialises JAX's backends; returns False (and
+    changes nothing) afterwards, when XLA_FLAGS already sets a device count, or on a 1-core machine. Does
+    not change the default backend where there is an accelerator."""
+    cores = os.cpu_count() or 1
+    if cores < 2 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # backends already initialised
+        return False
+    return True
+
+
+def local_batch_sharding(rows: int) -> NamedSharding | None:
+    """Rows split over this process's devices of the default backend, or None where that does not apply
+    (one device, several processes, or rows that do not divide evenly)."""
+    devices = jax.local_devices()
+    if len(devices) < 2 or jax.process_count() > 1 or rows % len(devices):
+        return None
+    return batch_sharded(make_mesh(devices))
+
+
 def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D mesh named "data" over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else list(devices)

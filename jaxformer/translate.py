@@ -28,8 +28,10 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from jaxformer import parallel
 from jaxformer.config import decode_settings
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.model import Transformer
@@ -88,13 +90,22 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
     outputs: list[list[int]] = [[] for _ in sources]
     todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
     batch_size, beam_size = int(settings["batch_size"]), int(settings["beam_size"])
+    # The rows of a batch are split over this process's devices (on a CPU, its cores once
+    # `parallel.use_every_cpu_core()` ran): one search, each device searching its own rows.
+    devices = jax.local_device_count() if jax.process_count() == 1 else 1
+    if devices > 1 and todo:
+        params = parallel.replicate(params, parallel.make_mesh(jax.local_devices()))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
-        src = np.full((_rows(len(chunk), batch_size), src_len), PAD_ID, np.int32)  # filler rows stay all-PAD
+        rows = -(-_rows(len(chunk), batch_size) // devices) * devices
+        src = np.full((rows, src_len), PAD_ID, np.int32)  # filler rows stay all-PAD (searched in one step)
         for row, i in enumerate(chunk):
             src[row, :len(sources[i])] = sources[i]
             src[row, len(sources[i])] = EOS_ID
+        sharding = parallel.local_batch_sharding(rows)
+        if sharding is not None:
+            src = jax.device_put(src, sharding)
         if beam_size == 1:
             tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
         else:

@@ -110,6 +110,27 @@ def test_translate_copies_and_keeps_the_input_order(bundle):
     assert sum(o == s for o, s in zip(greedy, sentences)) >= 18
 
 
+
+def test_translate_splits_each_batch_over_the_devices_with_the_same_result(bundle):
+    # conftest gives this process 4 CPU devices: translate_ids searches each batch split over them (rows
+    # rounded up to a multiple of 4 with all-PAD filler rows); the tokens equal one search on one device.
+    assert jax.local_device_count() == 4
+    model, params, tokenizer = bundle
+    sources = tokenizer.encode(made_up_sentences(7, seed=5))
+    split = {beam: translate_lib.translate_ids(model, params, sources, beam_size=beam, batch_size=8)
+             for beam in (1, 4)}
+    src_len = max(len(ids) for ids in sources) + 1
+    src = np.full((len(sources), src_len), PAD_ID, np.int32)
+    for row, ids in enumerate(sources):
+        src[row, :len(ids)], src[row, len(ids)] = ids, EOS_ID
+    one_device = jax.device_put(src, jax.devices()[0])
+    for beam, tokens in ((1, decode.greedy_search(model, params, one_device)),
+                         (4, decode.beam_search(model, params, one_device, beam_size=4)[0])):
+        expected = [[t for t in row[:list(row).index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else
+                    [t for t in row if t != PAD_ID] for row in np.asarray(tokens).tolist()]
+        assert split[beam] == expected
+
+
 def test_translate_empty_inputs_without_running_the_model(bundle, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model should not run")
