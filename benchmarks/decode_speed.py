@@ -53,11 +53,11 @@ def random_mode(args) -> list[dict]:
     src = np.zeros((args.sentences, args.src_tokens + 1), np.int32)
     src[:, :-1] = rng.integers(4, cfg.vocab_size, (args.sentences, args.src_tokens))
     src[:, -1] = EOS_ID
-    sharding = parallel.local_batch_sharding(len(src))
+    mesh = parallel.local_mesh()
     inputs = {"one": (jax.device_put(params, jax.devices()[0]), jax.device_put(src, jax.devices()[0]))}
     impls = {"current": (decode, cfg, "one")}
-    if sharding is not None:  # the batch split over this process's devices (the CPU's cores)
-        inputs["split"] = (parallel.replicate(params, sharding.mesh), jax.device_put(src, sharding))
+    if mesh is not None and len(src) % mesh.devices.size == 0:  # the batch split over the CPU's cores
+        inputs["split"] = (parallel.replicate(params, mesh), jax.device_put(src, parallel.batch_sharded(mesh)))
         impls = {"current": (decode, cfg, "split"), "current_one_device": (decode, cfg, "one")}
     if args.compare:  # the old search over the old model module (same parameters)
         impls["baseline"] = (_baseline_decode, _baseline_model.TransformerConfig(**cfg.to_dict()), "one")

@@ -550,9 +550,9 @@ def _project_forward(y, kernel, dtype):
 
 def _project_backward(dtype, residuals, g):
     """The two products of the backward pass, written out: differentiated automatically, XLA CPU copied
-    the [tokens, vocab] gradient into a transposed layout for the kernel's product (a loop fusion of
-    ~150 ms in a ~1.3 s step of the small benchmark shape, 2-core CPU); written as [D, vocab] = yᵀ g, it
-    transposes y [tokens, D] instead."""
+    the [tokens, vocab] gradient into a transposed layout for the kernel's product (269 thread-ms of a
+    small-shape step on a 2-core CPU, `benchmarks/profile_step.py --textbook-head`); written as
+    [D, vocab] = yᵀ g, it transposes y [tokens, D] instead."""
     y, kernel = residuals
     dy = _product("btv,dv->btd", g, kernel, dtype)
     dkernel = _product("btd,btv->dv", y, g, dtype)

@@ -144,13 +144,13 @@ def use_every_cpu_core() -> bool:
     return True
 
 
-def local_batch_sharding(rows: int) -> NamedSharding | None:
-    """Rows split over this process's devices of the default backend, or None where that does not apply
-    (one device, several processes, or rows that do not divide evenly)."""
+def local_mesh() -> Mesh | None:
+    """A "data" mesh over this process's devices of the default backend, for work that splits a batch
+    within one process (the searches); None with one device or several processes."""
     devices = jax.local_devices()
-    if len(devices) < 2 or jax.process_count() > 1 or rows % len(devices):
+    if len(devices) < 2 or jax.process_count() > 1:
         return None
-    return batch_sharded(make_mesh(devices))
+    return make_mesh(devices)
 
 
 def make_mesh(devices: list | None = None) -> Mesh:

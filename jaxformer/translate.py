@@ -90,26 +90,29 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
     outputs: list[list[int]] = [[] for _ in sources]
     todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
     batch_size, beam_size = int(settings["batch_size"]), int(settings["beam_size"])
-    # The rows of a batch are split over this process's devices (on a CPU, its cores once
-    # `parallel.use_every_cpu_core()` ran): one search, each device searching its own rows.
-    devices = jax.local_device_count() if jax.process_count() == 1 else 1
-    if devices > 1 and todo:
-        params = parallel.replicate(params, parallel.make_mesh(jax.local_devices()))
+    # A batch with a sentence for each of this process's devices (on a CPU, its cores once
+    # `parallel.use_every_cpu_core()` ran) is split over them: one search, each device searching its rows.
+    mesh = parallel.local_mesh()
+    devices = 1 if mesh is None else mesh.devices.size
+    split_params = parallel.replicate(params, mesh) if mesh is not None and len(todo) >= devices else None
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
+        split = split_params is not None and len(chunk) >= devices
         src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
-        rows = -(-_rows(len(chunk), batch_size) // devices) * devices
+        rows = _rows(len(chunk), batch_size)
+        rows = -(-rows // devices) * devices if split else rows
         src = np.full((rows, src_len), PAD_ID, np.int32)  # filler rows stay all-PAD (searched in one step)
         for row, i in enumerate(chunk):
             src[row, :len(sources[i])] = sources[i]
             src[row, len(sources[i])] = EOS_ID
-        sharding = parallel.local_batch_sharding(rows)
-        if sharding is not None:
-            src = jax.device_put(src, sharding)
+        search_params = split_params if split else params
+        if split:
+            src = jax.device_put(src, parallel.batch_sharded(mesh))
         if beam_size == 1:
-            tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
+            tokens = decode_lib.greedy_search(model, search_params, src,
+                                              max_extra_len=int(settings["max_extra_len"]))
         else:
-            tokens, _ = decode_lib.beam_search(model, params, src, beam_size=beam_size,
+            tokens, _ = decode_lib.beam_search(model, search_params, src, beam_size=beam_size,
                                                alpha=float(settings["length_penalty"]),
                                                max_extra_len=int(settings["max_extra_len"]))
         tokens = np.asarray(tokens)
