@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from jaxformer.config import default_config  # noqa: E402
 from jaxformer.data import PAD_ID, Tokenizer, make_batches, sample_sentences  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
 from jaxformer.optim import make_optimizer  # noqa: E402
+from input_pipeline import recipe  # noqa: E402
 from train_vs_pytorch import SHAPES, make_batch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,11 +76,14 @@ def textbook_head():
         steps_lib._loss_sums, model_lib.output_logits = saved
 
 
-def multi30k_setup(data: str, tmp: str):
-    spec = importlib.util.spec_from_file_location("multi30k", os.path.join(REPO, "configs", "multi30k.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+def step_inputs(shape: str, data: str, tmp: str):
+    """(model config, host batches, train config) for a shape of train_vs_pytorch.py (one random batch),
+    or for "multi30k": configs/multi30k.py with a throwaway vocabulary and 4 real batches."""
+    if shape != "multi30k":
+        spec = SHAPES[shape]
+        cfg = TransformerConfig(**spec["model"], dropout_rate=0.1, dtype="float32")
+        return cfg, [make_batch(cfg, spec)], default_config().train
+    config = recipe("multi30k")
     config.data.update(source="files", train_files=os.path.join(data, "train"), valid_files=os.path.join(data, "val"),
                        cache_dir=os.path.join(tmp, "cache"))
     tokenizer = Tokenizer.train(sample_sentences(config.data, config.data.vocab_sample_size), config.data.vocab_size,
@@ -91,12 +94,7 @@ def multi30k_setup(data: str, tmp: str):
 
 
 def measure(shape: str, repeats: int, data: str, tmp: str) -> list[dict]:
-    if shape == "multi30k":
-        cfg, host, train_cfg = multi30k_setup(data, tmp)
-    else:
-        spec = SHAPES[shape]
-        cfg = TransformerConfig(**spec["model"], dropout_rate=0.1, dtype="float32")
-        host, train_cfg = [make_batch(cfg, spec)], default_config().train
+    cfg, host, train_cfg = step_inputs(shape, data, tmp)
     mesh = parallel.make_mesh()
     batches = [parallel.shard_batch(b, mesh) for b in host]
     runs = {}

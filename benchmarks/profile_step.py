@@ -33,12 +33,11 @@ import numpy as np  # noqa: E402
 
 from common import device_summary  # noqa: E402
 from jaxformer import parallel  # noqa: E402
-from jaxformer.config import default_config  # noqa: E402
-from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
+from jaxformer.model import Transformer  # noqa: E402
 from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
-from loss_head import multi30k_setup, textbook_head  # noqa: E402
-from train_vs_pytorch import SHAPES, make_batch  # noqa: E402
+from loss_head import step_inputs, textbook_head  # noqa: E402
+from train_vs_pytorch import SHAPES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NOT_OPS = ("Execute", "Await", "Threadpool", "end: ", "Wait for", "PjitFunction", "ParseArguments",
@@ -96,12 +95,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"# device: {device_summary()}; {os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     with tempfile.TemporaryDirectory(prefix="profile_step-") as tmp:
-        if args.shape == "multi30k":
-            cfg, host, train_cfg = multi30k_setup(args.data, tmp)
-        else:
-            spec = SHAPES[args.shape]
-            cfg = TransformerConfig(**spec["model"], dropout_rate=0.1, dtype="float32")
-            host, train_cfg = [make_batch(cfg, spec)], default_config().train
+        cfg, host, train_cfg = step_inputs(args.shape, args.data, tmp)
         mesh = parallel.make_mesh()
         batches = [parallel.shard_batch(b, mesh) for b in host]
         steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1)

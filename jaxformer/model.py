@@ -545,7 +545,7 @@ def _project(y, kernel, dtype):
 
 
 def _project_forward(y, kernel, dtype):
-    return _project(y, kernel, dtype), (y, kernel)
+    return _product("btd,dv->btv", y, kernel, dtype), (y, kernel)
 
 
 def _project_backward(dtype, residuals, g):
