@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py                         # small shape of train_vs_pytorch.py
     python benchmarks/profile_step.py --shape multi30k        # real Multi30k batches, configs/multi30k.py
     python benchmarks/profile_step.py --top 40 --trace-dir /tmp/step_trace   # keep the trace (Perfetto / TensorBoard)
-    python benchmarks/profile_step.py --textbook-head   # the loss head before jaxformer/loss.py (loss_head.py)
+    python benchmarks/profile_step.py --textbook-head   # the loss head before jaxformer/loss.py (step_ab.py)
 
 Traces `--steps` train steps after warm-up and prints, per step: the busiest XLA ops by thread time, each
 with its output shape and the JAX operation it came from (from the compiled HLO's metadata), the thread
@@ -36,7 +36,7 @@ from jaxformer import parallel  # noqa: E402
 from jaxformer.model import Transformer  # noqa: E402
 from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
-from loss_head import step_inputs, textbook_head  # noqa: E402
+from step_ab import step_inputs, textbook_head  # noqa: E402
 from train_vs_pytorch import SHAPES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     parser.add_argument("--textbook-head", action="store_true",
-                        help="compile the step with loss_head.py's textbook loss head, for comparison")
+                        help="compile the step with step_ab.py's textbook loss head, for comparison")
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     args = parser.parse_args(argv)
     print(f"# device: {device_summary()}; {os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

@@ -7,12 +7,17 @@ The hub dataset is `bentrevett/multi30k` (fields `en` and `de`, splits train / v
 2016 Flickr test set); `data.source=files` reads the same text from the local copy that the *_files
 keys already name, so that one override is all it takes offline. A 3+3-layer, d_model 256 model with an
 8,000-piece shared BPE vocabulary (7.6M parameters), the paper's optimizer, schedule and label smoothing,
-scaled down. 2,000 steps of ~2,000 target tokens (about 11 epochs) are the issue's 60-minute budget on 2
-CPU cores: they took 40.8 minutes (~1.1 s/step, start-up included) on a machine where PyTorch's small step
-takes 0.96 s (a budget of 41.1 min there), and scored 37.46 cased / 37.80 lowercased sacreBLEU on test2016
-(benchmarks/README.md). Dropout 0.1 (not 0.2), batches of 2,048 slots (not 4,096: twice the updates
-for the same tokens and time), the average of the last 5 checkpoints 100 steps apart and alpha 1.0 were
-chosen on val for that budget; the paper's alpha 0.6 left translations ~7% short of the references there.
+scaled down. The issue's 60-minute budget on 2 CPU cores, scaled by PyTorch's small step on the machine
+(`benchmarks/train_vs_pytorch.py`; 60 × 0.899 s / 1.4 s = 38.5 min there), gave 2,273 steps of ~2,000
+target tokens (~1.0 s/step, about 12 epochs) and scored 38.00 cased / 38.37 lowercased sacreBLEU on
+test2016 (benchmarks/README.md): `python benchmarks/multi30k_quality.py --minutes 38.5`. Chosen on val for
+that budget: dropout 0.1 (not 0.2), batches of 2,048 slots (not 4,096: twice the updates for the same
+tokens and time), the average of the last 5 checkpoints 100 steps apart, beam 4 and alpha 1.0 (the paper's
+alpha 0.6 left translations ~7% short of the references). The peak rate, 2.5e-3 at step 400 (lr_scale 0.8),
+is the run that met the goal, not a choice val made: the run before (1.7e-3 at step 500, lr_scale 0.6,
+another session's machine) scored 0.4 higher on val at the same 2,000 steps but had only 2,000 in its
+budget; which rate is better at the budget is not settled. The schedule does not depend on
+train.steps, so a longer run is this one resumed.
 On an accelerator, raise data.tokens_per_batch and the steps.
 """
 
@@ -46,9 +51,9 @@ def get_config():
     c.data.max_len = 64
 
     c.train.workdir = "runs/multi30k"
-    c.train.steps = 2000             # the 60-minute budget on 2 CPU cores (~1.1 s/step, about 11 epochs)
-    c.train.warmup_steps = 500
-    c.train.lr_scale = 0.6           # peak 1.7e-3 at step 500
+    c.train.steps = 2300             # about the 60-minute budget on 2 CPU cores (~1.0 s/step, about 12 epochs)
+    c.train.warmup_steps = 400
+    c.train.lr_scale = 0.8           # peak 2.5e-3 at step 400 (see above: 0.6 / 500 is not ruled out)
     c.train.log_every = 50
     c.train.eval_every = 500
     c.train.eval_bleu_sentences = 200

@@ -7,7 +7,7 @@ gradient softmax − q in one elementwise pass (a `jax.custom_vjp`). Differentia
 (log_softmax, take_along_axis, sum) made XLA CPU build the log-probabilities, scatter into a zero [tokens,
 vocab] array and copy the gradient into a transposed layout. With `model.output_logits`' own backward
 pass, the small shape of benchmarks/train_vs_pytorch.py trained 1.20-1.36x faster and real Multi30k
-batches of 4,096 slots 1.03-1.12x (two interleaved A/B runs on a 2-core CPU: benchmarks/loss_head.py).
+batches of 4,096 slots 1.03-1.12x (two interleaved A/B runs on a 2-core CPU: benchmarks/step_ab.py).
 """
 
 from __future__ import annotations

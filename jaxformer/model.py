@@ -221,6 +221,43 @@ def _log_choice(where: str, impl: str, why: str) -> None:
         log.info("attention %s: %s implementation (%s)", where, impl, why)
 
 
+def dropout_keep_mask(rng: jax.Array, rate: float, shape) -> tuple[jax.Array, float]:
+    """Keep decisions, each Bernoulli(1 − rate), for a tensor of `shape`, and the exact keep probability.
+
+    Two decisions per 32-bit threefry word, 16 bits each (keep when they are below round((1 − rate)·2¹⁶)):
+    `jax.random.bernoulli` spends a whole word per decision, and on a CPU generating those words was a
+    large part of the train step (benchmarks/README.md, "Dropout's random bits"). The keep probability is
+    (1 − rate) to within 2⁻¹⁷, and the returned value is the exact one, to scale the kept values by.
+    The words are drawn over `shape` with a halved last axis, so a batch split over devices draws its own
+    rows' words (threefry is partitionable) and every mesh gets the same masks.
+    """
+    threshold = int(round((1.0 - rate) * 65536))
+    half = (shape[-1] + 1) // 2
+    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
+    keep = jnp.concatenate([(words & 0xFFFF) < threshold, (words >> 16) < threshold], axis=-1)
+    return keep[..., :shape[-1]], threshold / 65536
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout: zero each value with probability `rate`, scale the kept ones by 1 / keep."""
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep, keep_prob = dropout_keep_mask(rng, rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+class Dropout(nn.Module):
+    """Section 5.4's dropout (flax's `nn.Dropout` with `dropout_keep_mask`'s cheaper random bits)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, *, deterministic=True):
+        if deterministic or self.rate == 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
 def scaled_dot_product_attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
                                  deterministic=True, impl="einsum", sow=None, is_causal=False,
                                  key_lengths=None, structured=None, where="attention"):
@@ -253,8 +290,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, dropout_rng=No
     if sow is not None:
         sow(weights)
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(weights.dtype)
+        weights = dropout(weights, dropout_rate, dropout_rng)
     out = jnp.einsum("bhts,bshv->bthv", weights, value, preferred_element_type=jnp.float32)  # [B,T,H,V]
     return out.astype(query.dtype)
 
@@ -439,7 +475,7 @@ class FeedForward(nn.Module):
             feats, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(), name=name)
         y = nn.relu(dense(cfg.d_ff, "wi")(x))  # [B,T,F]
-        y = nn.Dropout(cfg.relu_dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(cfg.relu_dropout_rate)(y, deterministic=deterministic)
         return dense(cfg.d_model, "wo")(y)
 
 
@@ -453,7 +489,7 @@ class SubLayer(nn.Module):
     def __call__(self, fn: Callable, x, *, deterministic=True):
         cfg = self.config
         norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name="norm")
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = Dropout(cfg.dropout_rate)
         if cfg.norm == "pre":
             return x + drop(fn(norm(x)), deterministic=deterministic)
         return norm(x + drop(fn(x), deterministic=deterministic))
@@ -526,7 +562,7 @@ class Embedder(nn.Module):
             table = self.param("positions", nn.initializers.normal(stddev=0.02), (cfg.max_len, cfg.d_model),
                                jnp.float32)
         x = x + jnp.take(table, positions, axis=0).astype(cfg.compute_dtype)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 def output_logits(y: jax.Array, kernel: jax.Array, dtype) -> jax.Array:

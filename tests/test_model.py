@@ -118,6 +118,22 @@ def test_dropout_is_reproducible_and_off_when_deterministic(tiny):
     np.testing.assert_allclose(run(1, True), model.apply(params, src, tgt), atol=1e-6)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_masks_keep_each_value_independently_with_probability_one_minus_rate(rate):
+    keep, keep_prob = model_lib.dropout_keep_mask(jax.random.key(0), rate, (256, 64, 63))  # odd last axis
+    keep = np.asarray(keep)
+    assert keep.shape == (256, 64, 63) and abs(keep_prob - (1 - rate)) <= 2.0 ** -17
+    assert abs(keep.mean() - keep_prob) < 0.003
+    # the two 16-bit halves of a word land 32 positions apart: their decisions are independent
+    both_dropped = (~keep[..., :31] & ~keep[..., 32:]).mean()
+    assert abs(both_dropped - rate ** 2) < 0.003
+    # rows differ, and kept values are scaled so that the mean is kept
+    assert (keep[0] != keep[1]).any()
+    out = model_lib.dropout(jnp.ones((256, 64, 64)), rate, jax.random.key(1))
+    assert set(np.unique(np.asarray(out))) <= {0.0, np.float32(1 / keep_prob)}
+    assert abs(float(out.mean()) - 1.0) < 0.01
+
+
 def test_packed_rows_equal_separate_rows(tiny):
     model, params = tiny
     (s1, t1), (s2, t2) = ([5, 6, 3], [2, 9, 10]), ([7, 8, 11, 3], [2, 12])

@@ -54,7 +54,7 @@ RULES = [
     (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
     # PyTorch is a benchmark-only extra ('.[bench]'): the comparison runs where it is installed.
     (r"^python benchmarks/train_vs_pytorch\.py", "--shapes small --repeats 1" if HAVE_TORCH else None),
-    (r"^python benchmarks/loss_head\.py", "--shapes small --repeats 1"),
+    (r"^python benchmarks/step_ab\.py", "--shapes small --repeats 1"),
     (r"^python benchmarks/decode_speed\.py --random", "--sentences 2 --src-tokens 3 --max-len 6 --repeats 1"),
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),

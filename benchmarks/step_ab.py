@@ -1,16 +1,20 @@
-"""The train step with jaxformer's loss head beside the textbook one, interleaved in one process.
+"""The train step beside a copy with one part as it was before, interleaved in one process.
 
-    python benchmarks/loss_head.py                          # small shape of train_vs_pytorch.py, and base
-    python benchmarks/loss_head.py --shapes multi30k        # real Multi30k batches, configs/multi30k.py
-    python benchmarks/loss_head.py --shapes small --repeats 9
+    python benchmarks/step_ab.py                                   # both earlier versions, small and base
+    python benchmarks/step_ab.py --baselines textbook-head --shapes multi30k   # real Multi30k batches
+    python benchmarks/step_ab.py --baselines bernoulli-dropout --shapes small --repeats 11
 
-"textbook": the pre-softmax projection as one einsum and the label-smoothed loss as log_softmax +
-take_along_axis + sums, accuracy by argmax, all differentiated by JAX (jaxformer's head before
-`jaxformer/loss.py`'s `token_statistics` and `model.output_logits`' hand-written backward pass).
-"jaxformer": the step as it is. Everything else (model, optimizer, batch, dropout) is the same; both run
-the same batches in turn after warm-up, so they see the same machine load. `speedup` is the median of the
-per-pair ratios textbook_s / jaxformer_s. The multi30k shape reads ../shared/data/multi30k and trains a
-throwaway vocabulary on it first (about a minute).
+Baselines (everything else, model, optimizer, batch, is the same):
+- "textbook-head": the pre-softmax projection as one einsum and the label-smoothed loss as log_softmax +
+  take_along_axis + sums, accuracy by argmax, all differentiated by JAX (jaxformer's head before
+  `jaxformer/loss.py`'s `token_statistics` and `model.output_logits`' hand-written backward pass).
+- "bernoulli-dropout": dropout masks from `jax.random.bernoulli`, one 32-bit threefry word per decision
+  (flax's `nn.Dropout`, jaxformer's dropout before `model.dropout_keep_mask`'s two decisions per word).
+- "no-dropout": not an earlier version but a reference: dropout is the identity, so `speedup` < 1 is the
+  share of the step that dropout costs.
+"jaxformer": the step as it is. Both run the same batches in turn after warm-up, so they see the same
+machine load; `speedup` is the median of the per-pair ratios baseline_s / jaxformer_s. The multi30k shape
+reads ../shared/data/multi30k and trains a throwaway vocabulary on it first (about a minute).
 """
 
 from __future__ import annotations
@@ -65,6 +69,22 @@ def textbook_loss_sums(params, batch, rng, *, model, smoothing, deterministic):
     return sums["loss"], sums
 
 
+def bernoulli_dropout(x, rate, rng):
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def dropout_as(fn):
+    """Trace (compile) with `fn(x, rate, rng)` patched in for `model.dropout`."""
+    saved = model_lib.dropout
+    model_lib.dropout = fn
+    try:
+        yield
+    finally:
+        model_lib.dropout = saved
+
+
 @contextlib.contextmanager
 def textbook_head():
     """Trace (compile) with the textbook head patched in; the patch only matters while jit traces."""
@@ -93,13 +113,18 @@ def step_inputs(shape: str, data: str, tmp: str):
     return cfg, [next(it) for _ in range(4)], config.train
 
 
-def measure(shape: str, repeats: int, data: str, tmp: str) -> list[dict]:
+BASELINES = {"textbook-head": textbook_head,
+             "bernoulli-dropout": lambda: dropout_as(bernoulli_dropout),
+             "no-dropout": lambda: dropout_as(lambda x, rate, rng: x)}
+
+
+def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> list[dict]:
     cfg, host, train_cfg = step_inputs(shape, data, tmp)
     mesh = parallel.make_mesh()
     batches = [parallel.shard_batch(b, mesh) for b in host]
     runs = {}
-    for name in ("textbook", "jaxformer"):
-        with textbook_head() if name == "textbook" else contextlib.nullcontext():
+    for name in (baseline, "jaxformer"):
+        with BASELINES[baseline]() if name == baseline else contextlib.nullcontext():
             steps = steps_lib.Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh,
                                     label_smoothing=0.1)
             state = steps.init_state(seed=0)
@@ -114,9 +139,9 @@ def measure(shape: str, repeats: int, data: str, tmp: str) -> list[dict]:
             run[1], metrics = run[0].train(run[1], batches[i % len(batches)])
             jax.block_until_ready(metrics["loss"])
             times[name].append(time.perf_counter() - start)
-    ratios = sorted(t / j for t, j in zip(times["textbook"], times["jaxformer"]))
+    ratios = sorted(b / j for b, j in zip(times[baseline], times["jaxformer"]))
     tokens = int(np.sum(host[0]["tgt_out"] != PAD_ID))
-    return [{"shape": shape, "head": name, "batch": "x".join(map(str, host[0]["tgt_out"].shape)),
+    return [{"shape": shape, "step": name, "batch": "x".join(map(str, host[0]["tgt_out"].shape)),
              "target_tokens": tokens, "step_s": float(np.median(values)), "repeats": repeats,
              "speedup": float(np.median(ratios)) if name == "jaxformer" else None,
              "speedup_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}" if name == "jaxformer" else None}
@@ -126,13 +151,16 @@ def measure(shape: str, repeats: int, data: str, tmp: str) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["small", "base"], choices=sorted(SHAPES) + ["multi30k"])
+    parser.add_argument("--baselines", nargs="+", default=["textbook-head", "bernoulli-dropout"],
+                        choices=sorted(BASELINES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     args = parser.parse_args(argv)
     print(f"# device: {device_summary()}; {os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory(prefix="loss_head-") as tmp:
-        rows = [row for shape in args.shapes for row in measure(shape, args.repeats, args.data, tmp)]
-    report(rows, ["shape", "head", "batch", "target_tokens", "step_s", "speedup", "speedup_range"])
+    with tempfile.TemporaryDirectory(prefix="step_ab-") as tmp:
+        rows = [row for baseline in args.baselines for shape in args.shapes
+                for row in measure(shape, baseline, args.repeats, args.data, tmp)]
+    report(rows, ["shape", "step", "batch", "target_tokens", "step_s", "speedup", "speedup_range"])
 
 
 if __name__ == "__main__":
