@@ -10,8 +10,8 @@ Baselines (everything else, model, optimizer, batch, is the same):
   `jaxformer/loss.py`'s `token_statistics` and `model.output_logits`' hand-written backward pass).
 - "bernoulli-dropout": dropout masks from `jax.random.bernoulli`, one 32-bit threefry word per decision
   (flax's `nn.Dropout`, jaxformer's dropout before `model.dropout_keep_mask`'s two decisions per word).
-- "no-dropout": not an earlier version but a reference: dropout is the identity, so `speedup` < 1 is the
-  share of the step that dropout costs.
+- "no-dropout": not an earlier version but a reference: dropout is the identity, so 1 − `speedup` is about
+  the share of the step that dropout costs.
 "jaxformer": the step as it is. Both run the same batches in turn after warm-up, so they see the same
 machine load; `speedup` is the median of the per-pair ratios baseline_s / jaxformer_s. The multi30k shape
 reads ../shared/data/multi30k and trains a throwaway vocabulary on it first (about a minute).

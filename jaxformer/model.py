@@ -240,9 +240,9 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape) -> tuple[jax.Array, fl
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Inverted dropout: zero each value with probability `rate`, scale the kept ones by 1 / keep."""
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
     keep, keep_prob = dropout_keep_mask(rng, rate, x.shape)
+    if keep_prob == 0.0:  # rate within 2⁻¹⁷ of 1, or above
+        return jnp.zeros_like(x)
     return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 

@@ -134,6 +134,13 @@ def test_dropout_masks_keep_each_value_independently_with_probability_one_minus_
     assert abs(float(out.mean()) - 1.0) < 0.01
 
 
+def test_dropout_of_everything_gives_zeros_and_zero_gradients():
+    drop_all = lambda x: model_lib.dropout(x, 1.0, jax.random.key(0)).sum()  # noqa: E731
+    x = jnp.ones((3, 5))
+    assert float(drop_all(x)) == 0.0
+    np.testing.assert_array_equal(jax.grad(drop_all)(x), np.zeros((3, 5)))
+
+
 def test_packed_rows_equal_separate_rows(tiny):
     model, params = tiny
     (s1, t1), (s2, t2) = ([5, 6, 3], [2, 9, 10]), ([7, 8, 11, 3], [2, 12])
