@@ -12,7 +12,9 @@ Baselines (everything else, model, optimizer, batch, is the same):
   (flax's `nn.Dropout`, jaxformer's dropout before `model.dropout_keep_mask`'s two decisions per word).
 - "no-dropout": not an earlier version but a reference: dropout is the identity, so 1 − `speedup` is about
   the share of the step that dropout costs.
-"jaxformer": the step as it is. Both run the same batches in turn after warm-up, so they see the same
+- "one-device": the same step on one CPU device, as train.py ran before it made every core a device
+  (`parallel.use_every_cpu_core()`) and split each batch over them.
+"jaxformer": the step as it is, data parallel over every CPU core. Both run the same batches in turn after warm-up, so they see the same
 machine load; `speedup` is the median of the per-pair ratios baseline_s / jaxformer_s. The multi30k shape
 reads ../shared/data/multi30k and trains a throwaway vocabulary on it first (about a minute).
 """
@@ -108,22 +110,23 @@ def step_inputs(shape: str, data: str, tmp: str):
                        cache_dir=os.path.join(tmp, "cache"))
     tokenizer = Tokenizer.train(sample_sentences(config.data, config.data.vocab_sample_size), config.data.vocab_size,
                                 os.path.join(tmp, "vocab.model"))
-    it = make_batches(config, tokenizer, "train", repeat=True, shuffle=True, num_devices=1)
+    it = make_batches(config, tokenizer, "train", repeat=True, shuffle=True, num_devices=jax.device_count())
     cfg = TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size)
     return cfg, [next(it) for _ in range(4)], config.train
 
 
 BASELINES = {"textbook-head": textbook_head,
              "bernoulli-dropout": lambda: dropout_as(bernoulli_dropout),
-             "no-dropout": lambda: dropout_as(lambda x, rate, rng: x)}
+             "no-dropout": lambda: dropout_as(lambda x, rate, rng: x),
+             "one-device": contextlib.nullcontext}
 
 
 def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> list[dict]:
     cfg, host, train_cfg = step_inputs(shape, data, tmp)
-    mesh = parallel.make_mesh()
-    batches = [parallel.shard_batch(b, mesh) for b in host]
     runs = {}
     for name in (baseline, "jaxformer"):
+        mesh = parallel.make_mesh(jax.devices()[:1] if name == "one-device" else None)
+        batches = [parallel.shard_batch(b, mesh) for b in host]
         with BASELINES[baseline]() if name == baseline else contextlib.nullcontext():
             steps = steps_lib.Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh,
                                     label_smoothing=0.1)
@@ -131,12 +134,12 @@ def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> lis
             for batch in batches[:2]:  # compile and warm up
                 state, metrics = steps.train(state, batch)
                 jax.block_until_ready(metrics["loss"])
-        runs[name] = [steps, state]
+        runs[name] = [steps, state, batches]
     times = {name: [] for name in runs}
     for i in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
-            run[1], metrics = run[0].train(run[1], batches[i % len(batches)])
+            run[1], metrics = run[0].train(run[1], run[2][i % len(run[2])])
             jax.block_until_ready(metrics["loss"])
             times[name].append(time.perf_counter() - start)
     ratios = sorted(b / j for b, j in zip(times[baseline], times["jaxformer"]))
@@ -156,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     args = parser.parse_args(argv)
+    parallel.use_every_cpu_core()  # the step as train.py runs it
     print(f"# device: {device_summary()}; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="step_ab-") as tmp:
         rows = [row for baseline in args.baselines for shape in args.shapes

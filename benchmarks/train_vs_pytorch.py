@@ -8,7 +8,9 @@ Shapes (float32, dropout 0.1, label smoothing 0.1, Adam(0.9, 0.98, 1e-9)):
   small: d_model 256, 3+3 layers, 4 heads, d_ff 1024, vocab 8000, batch 64 x (32+32) tokens;
   base:  the paper's base model (d_model 512, 6+6 layers, 8 heads, d_ff 2048), vocab 37000, 16 x (32+32).
 
-jaxformer: `jaxformer.steps.Steps.train` (forward, label-smoothed loss, backward, Adam update; jit-compiled).
+jaxformer: `jaxformer.steps.Steps.train` (forward, label-smoothed loss, backward, Adam update; jit-compiled),
+on one CPU device. train.py splits each batch over every core instead (`train.cpu_data_parallel`); to time
+that, run this with XLA_FLAGS=--xla_force_host_platform_device_count=<cores>.
 PyTorch: `nn.Transformer` (post-LN layers, batch_first, no final stack norms, as in the paper and jaxformer)
 between a shared embedding x sqrt(d_model) (source, target and the tied output projection) plus sinusoidal
 positions and dropout 0.1; `F.cross_entropy(label_smoothing=0.1, ignore_index=PAD)` summed over target tokens

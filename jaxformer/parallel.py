@@ -130,10 +130,12 @@ def maybe_initialize_distributed(mode: str = "auto", environ: Mapping[str, str] 
 
 def use_every_cpu_core() -> bool:
     """Expose each CPU core as a JAX CPU device (`jax_num_cpu_devices`), so that work split over a batch
-    (the searches of `translate`) runs on all of them: XLA CPU runs most of a decode step's small ops on
-    one thread, one op at a time. Call before anything initialises JAX's backends; returns False (and
-    changes nothing) afterwards, when XLA_FLAGS already sets a device count, or on a 1-core machine. Does
-    not change the default backend where there is an accelerator."""
+    (training's data parallel step, the searches of `translate`) runs on all of them: XLA CPU runs most of
+    a decode step's small ops on one thread, one op at a time, and even the train step keeps both cores of
+    a 2-core machine busy together only a quarter of the time on one device (benchmarks/README.md). Call
+    before anything initialises JAX's backends; returns False (and changes nothing) afterwards, when
+    XLA_FLAGS already sets a device count, or on a 1-core machine. Does not change the default backend
+    where there is an accelerator."""
     cores = os.cpu_count() or 1
     if cores < 2 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return False

@@ -145,6 +145,9 @@ def test_readme_commands_and_snippets_run(sandbox):
                                        f"{result.stderr[-3000:]}"
         ran.append((command, result))
     outputs = {c: r.stdout for c, r in ran}
+    # On a CPU, train.py makes every core a JAX device and splits each batch over them.
+    default_train = next(r for c, r in ran if c == "python train.py")
+    assert f"; {os.cpu_count()} device(s) over 1 process(es)" in default_train.stderr, default_train.stderr[-2000:]
     # What the commands promise to leave behind.
     assert (sandbox / "runs" / "default" / "curves.png").exists()
     assert len(list((sandbox / "runs" / "default" / "checkpoints").iterdir())) >= 5
