@@ -14,9 +14,10 @@ Baselines (everything else, model, optimizer, batch, is the same):
   the share of the step that dropout costs.
 - "one-device": the same step on one CPU device, as train.py ran before it made every core a device
   (`parallel.use_every_cpu_core()`) and split each batch over them.
-"jaxformer": the step as it is, data parallel over every CPU core. Both run the same batches in turn after warm-up, so they see the same
-machine load; `speedup` is the median of the per-pair ratios baseline_s / jaxformer_s. The multi30k shape
-reads ../shared/data/multi30k and trains a throwaway vocabulary on it first (about a minute).
+"jaxformer": the step as it is, data parallel over every CPU core. Both run the same batches in turn after
+warm-up, so they see the same machine load; `speedup` is the median of the per-pair ratios baseline_s /
+jaxformer_s. The multi30k shape reads ../shared/data/multi30k and trains a throwaway vocabulary on it first
+(about a minute).
 """
 
 from __future__ import annotations
