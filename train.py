@@ -42,9 +42,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     _setup_logging()
-    from jaxformer import parallel
-    if _CONFIG.value.train.cpu_data_parallel:  # before anything starts JAX's backends
-        parallel.use_every_cpu_core()
     from jaxformer.checkpoint import CheckpointError
     from jaxformer.data import DataError
     from jaxformer.parallel import DistributedError

@@ -61,7 +61,6 @@ def main(argv=None):
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import multi30k  # noqa: E402  (configs/multi30k.py)
 
-    from jaxformer import parallel
     from jaxformer.cli import parse_overrides
     from jaxformer.evaluate import run_evaluation
     from jaxformer.preemption import Preempted
@@ -81,8 +80,6 @@ def main(argv=None):
         if section not in config:
             parser.error(f"--set {item}: unknown config section {section!r}")
         config[section].update(parse_overrides([f"--{item}"], section, config[section].to_dict()))
-    if config.train.cpu_data_parallel:  # as train.py does
-        parallel.use_every_cpu_core()
 
     print(f"# device: {device_summary()}")
     rows = []

@@ -230,6 +230,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_train_config(config.train)
     check_lengths(config)  # a position table shorter than a batch would show up as a NaN loss
     TransformerConfig.from_dict(config.model.to_dict(), vocab_size=8)  # model keys, before any slow work
+    if config.train.cpu_data_parallel:  # a no-op once something has started JAX's backends
+        parallel.use_every_cpu_core()
     parallel.maybe_initialize_distributed(config.train.distributed, timeout_s=float(config.train.distributed_timeout_s),
                                           heartbeat_timeout_s=float(config.train.heartbeat_timeout_s))
     workdir = pathlib.Path(config.train.workdir).absolute()
