@@ -13,8 +13,8 @@ are minutes on a machine where PyTorch's small step (`python benchmarks/train_vs
 takes 1.4 s; on another machine, scale them by its PyTorch step time / 1.4 s.
 
 Prints, as JSON lines and a table: training wall-clock time, steps and seconds per step (wall-clock over
-steps, start-up included), and cased sacreBLEU with, beside it, lowercased sacreBLEU (each with its
-signature) on the whole Multi30k val and test2016 En->De sets for the run's averaged last
+the steps this run made, start-up included), and cased sacreBLEU with, beside it, lowercased sacreBLEU
+(each with its signature) on the whole Multi30k val and test2016 En->De sets for the run's averaged last
 `train.average_last` checkpoints, with the config's beam search (beam 4 / alpha 0.6, the paper's) and
 with greedy search. Choose settings on val; test2016 is
 for reporting. Hypotheses and scores are also written to <workdir>/eval_<split>_*.
@@ -61,6 +61,8 @@ def main(argv=None):
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import multi30k  # noqa: E402  (configs/multi30k.py)
 
+    from jaxformer import checkpoint as ckpt
+    from jaxformer import parallel
     from jaxformer.cli import parse_overrides
     from jaxformer.evaluate import run_evaluation
     from jaxformer.preemption import Preempted
@@ -81,9 +83,14 @@ def main(argv=None):
             parser.error(f"--set {item}: unknown config section {section!r}")
         config[section].update(parse_overrides([f"--{item}"], section, config[section].to_dict()))
 
+    if config.train.cpu_data_parallel and not args.skip_training:
+        parallel.use_every_cpu_core()  # before device_summary() starts JAX's backends; run() would be too late
     print(f"# device: {device_summary()}")
     rows = []
     if not args.skip_training:
+        checkpoints = os.path.join(args.workdir, ckpt.CHECKPOINT_DIR)
+        first_step = max(ckpt.CheckpointStore(checkpoints, read_only=True).steps, default=0) \
+            if os.path.isdir(checkpoints) else 0  # a resumed run times only its own steps
         start = time.time()
         timer = None
         if args.minutes is not None:  # the loop's own SIGTERM handling saves the current step and stops
@@ -100,7 +107,7 @@ def main(argv=None):
                 timer.cancel()
         minutes = (time.time() - start) / 60
         rows.append({"what": "train", "steps": result["step"], "minutes": minutes,
-                     "s_per_step": 60 * minutes / max(result["step"], 1),
+                     "s_per_step": 60 * minutes / max(result["step"] - first_step, 1),
                      "valid_bleu_sample": result.get("valid_avg_bleu", result.get("valid_bleu")),
                      "valid_ppl": result.get("valid_avg_ppl", result.get("valid_ppl"))})
     # the config's search (with any --set decode.KEY), and greedy
