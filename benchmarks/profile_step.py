@@ -98,7 +98,8 @@ def main(argv=None):
         cfg, host, train_cfg = step_inputs(args.shape, args.data, tmp)
         mesh = parallel.make_mesh()
         batches = [parallel.shard_batch(b, mesh) for b in host]
-        steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1)
+        steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
+                      shard_optimizer_state=train_cfg.shard_optimizer_state)
         state = steps.init_state(seed=0)
         with textbook_head() if args.textbook_head else contextlib.nullcontext():  # matters while tracing
             metadata = op_metadata(steps.train.lower(state, batches[0]).compile().as_text())

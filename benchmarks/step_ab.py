@@ -14,7 +14,10 @@ Baselines (everything else, model, optimizer, batch, is the same):
   the share of the step that dropout costs.
 - "one-device": the same step on one CPU device, as train.py ran before it made every core a device
   (`parallel.use_every_cpu_core()`) and split each batch over them.
-"jaxformer": the step as it is, data parallel over every CPU core. Both run the same batches in turn after
+- "replicated-optimizer": Adam's moments on every device, each device running the whole update, as before
+  `train.shard_optimizer_state` split them over the devices.
+"jaxformer": the step as it is, data parallel over every CPU core, with the optimizer state placed as
+`train.shard_optimizer_state` of the shape's config says. Both run the same batches in turn after
 warm-up, so they see the same machine load; `speedup` is the median of the per-pair ratios baseline_s /
 jaxformer_s. The multi30k shape reads ../shared/data/multi30k and trains a throwaway vocabulary on it first
 (about a minute).
@@ -119,7 +122,8 @@ def step_inputs(shape: str, data: str, tmp: str):
 BASELINES = {"textbook-head": textbook_head,
              "bernoulli-dropout": lambda: dropout_as(bernoulli_dropout),
              "no-dropout": lambda: dropout_as(lambda x, rate, rng: x),
-             "one-device": contextlib.nullcontext}
+             "one-device": contextlib.nullcontext,
+             "replicated-optimizer": contextlib.nullcontext}
 
 
 def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> list[dict]:
@@ -129,8 +133,9 @@ def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> lis
         mesh = parallel.make_mesh(jax.devices()[:1] if name == "one-device" else None)
         batches = [parallel.shard_batch(b, mesh) for b in host]
         with BASELINES[baseline]() if name == baseline else contextlib.nullcontext():
+            shard = bool(train_cfg.shard_optimizer_state) and name != "replicated-optimizer"
             steps = steps_lib.Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh,
-                                    label_smoothing=0.1)
+                                    label_smoothing=0.1, shard_optimizer_state=shard)
             state = steps.init_state(seed=0)
             for batch in batches[:2]:  # compile and warm up
                 state, metrics = steps.train(state, batch)

@@ -39,8 +39,9 @@ def measure(shape: str, dtype: str, attention_impl: str, repeats: int, peak: flo
     spec = SHAPES[shape]
     cfg = TransformerConfig(**spec["model"], dtype=dtype, attention_impl=attention_impl)
     mesh = parallel.make_mesh()
-    steps = Steps(Transformer(cfg), make_optimizer(default_config().train, cfg.d_model), mesh,
-                  label_smoothing=0.1)
+    train_cfg = default_config().train  # as train.py runs the step
+    steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
+                  shard_optimizer_state=train_cfg.shard_optimizer_state)
     state = steps.init_state(seed=0)
     rng = np.random.default_rng(0)
     b, s, t = spec["batch"], spec["src_len"], spec["tgt_len"]

@@ -84,8 +84,9 @@ def make_batch(cfg: TransformerConfig, spec: dict) -> dict:
 def jax_step(cfg: TransformerConfig, host: dict):
     """A zero-argument function running one compiled jaxformer train step (blocks until it is done)."""
     mesh = parallel.make_mesh()
-    steps = Steps(Transformer(cfg), make_optimizer(default_config().train, cfg.d_model), mesh,
-                  label_smoothing=0.1)
+    train_cfg = default_config().train  # as train.py runs the step
+    steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
+                  shard_optimizer_state=train_cfg.shard_optimizer_state)
     holder = {"state": steps.init_state(seed=0)}
     batch = parallel.shard_batch(host, mesh)
 

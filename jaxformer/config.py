@@ -102,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.distributed = "auto"          # jax.distributed.initialize(): "auto" (when launched multi-host), "on", "off"
     t.cpu_data_parallel = True      # on a CPU, training makes each core a JAX device and splits batches over them
     #                                 (1.10x the Multi30k step on 2 cores; slower where the parameters dwarf the batch)
+    t.shard_optimizer_state = True   # split Adam's moments over the devices, each updating its share (ZeRO-1)
     t.distributed_timeout_s = 300.0  # how long processes wait for the coordinator and each other at start
     t.heartbeat_timeout_s = 100.0   # a process silent this long counts as dead; the others then stop
 

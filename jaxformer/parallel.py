@@ -1,8 +1,9 @@
 """Data parallelism over every device: one mesh axis, "data".
 
-Parameters and optimizer state are replicated; each batch is split along its first (batch) axis over
-all devices of all processes, and `jit` compiles one program for the whole global batch (XLA inserts the
-gradient all-reduce). Each process feeds only its own rows (`shard_batch`), so the same code runs on one
+Parameters are replicated; each batch is split along its first (batch) axis over all devices of all
+processes, and `jit` compiles one program for the whole global batch (XLA inserts the gradient
+all-reduce). The optimizer state is replicated too, or split over the devices (`split_over_data`,
+`train.shard_optimizer_state`), so that each device updates only its share of the parameters. Each process feeds only its own rows (`shard_batch`), so the same code runs on one
 CPU, eight GPUs, or a multi-host TPU pod.
 """
 
@@ -169,6 +170,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Rows split over the "data" axis; the other dimensions whole."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def split_over_data(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """An array of `shape` split over the "data" axis along its longest dimension that the axis size divides
+    (ZeRO-1's partitioned optimizer state); replicated where none does (scalars, odd sizes, one device)."""
+    n = mesh.shape[DATA_AXIS]
+    dims = [i for i, size in enumerate(shape) if size >= n and size % n == 0]
+    if n == 1 or not dims:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[max(dims, key=lambda i: shape[i])] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -58,8 +58,14 @@ def compute_gradients(state: TrainState, batch, micro_step=0, *, model: Transfor
     return grads, sums
 
 
-def apply_gradients(state: TrainState, grads, sums, *, tx: optax.GradientTransformation):
-    """One optimizer update with the token-mean gradient; returns (new state, metrics sums + grad_norm)."""
+def apply_gradients(state: TrainState, grads, sums, *, tx: optax.GradientTransformation, grad_sharding=None):
+    """One optimizer update with the token-mean gradient; returns (new state, metrics sums + grad_norm).
+
+    With `grad_sharding` (the optimizer state's split, per parameter) the gradient sum over devices becomes a
+    reduce-scatter, each device updates its share of the parameters, and XLA all-gathers the new ones.
+    """
+    if grad_sharding is not None:
+        grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -69,10 +75,10 @@ def apply_gradients(state: TrainState, grads, sums, *, tx: optax.GradientTransfo
 
 
 def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.GradientTransformation,
-               smoothing: float):
+               smoothing: float, grad_sharding=None):
     """One update from one batch: pure (state, batch) -> (state, metrics)."""
     grads, sums = compute_gradients(state, batch, model=model, smoothing=smoothing)
-    return apply_gradients(state, grads, sums, tx=tx)
+    return apply_gradients(state, grads, sums, tx=tx, grad_sharding=grad_sharding)
 
 
 def accumulate_gradients(state: TrainState, batch, accumulated, micro_step, *, model: Transformer,
@@ -82,9 +88,9 @@ def accumulate_gradients(state: TrainState, batch, accumulated, micro_step, *, m
     return jax.tree.map(jnp.add, accumulated, (grads, sums))
 
 
-def _apply_accumulated(state, accumulated, *, tx):
+def _apply_accumulated(state, accumulated, *, tx, grad_sharding=None):
     grads, sums = accumulated
-    return apply_gradients(state, grads, sums, tx=tx)
+    return apply_gradients(state, grads, sums, tx=tx, grad_sharding=grad_sharding)
 
 
 def eval_step(params, batch, totals, *, model: Transformer, smoothing: float):
@@ -113,19 +119,31 @@ def _all_finite(tree) -> jax.Array:
 class Steps:
     """The jit-compiled steps for one model, optimizer and mesh (each compiles once per batch shape).
 
-    State, metrics and parameters live replicated on the mesh; batches arrive split over its "data" axis,
-    so each step is one program over the whole global batch.
+    Metrics and parameters live replicated on the mesh; batches arrive split over its "data" axis, so each
+    step is one program over the whole global batch. The optimizer state (and an accumulated gradient) is
+    replicated too, or with `shard_optimizer_state` split over the "data" axis (ZeRO-1): each device then
+    keeps and updates 1/N of Adam's moments instead of running the whole update N times.
     """
 
-    def __init__(self, model: Transformer, tx: optax.GradientTransformation, mesh, *, label_smoothing: float):
+    def __init__(self, model: Transformer, tx: optax.GradientTransformation, mesh, *, label_smoothing: float,
+                 shard_optimizer_state: bool = False):
         self.model, self.tx, self.mesh = model, tx, mesh
         out = parallel.replicated(mesh)
+        self._shapes = shapes = jax.eval_shape(self._init, 0)
+        split = (lambda s: parallel.split_over_data(mesh, s.shape)) if shard_optimizer_state else (lambda s: out)
+        self.state_sharding = TrainState(step=out, params=jax.tree.map(lambda s: out, shapes.params),
+                                         opt_state=jax.tree.map(split, shapes.opt_state), rng=out)
+        grad_sharding = jax.tree.map(split, shapes.params) if shard_optimizer_state else None
         kw = dict(model=model, smoothing=float(label_smoothing))
-        self.train = jax.jit(functools.partial(train_step, tx=tx, **kw), donate_argnums=0, out_shardings=out)
+        state_out = (self.state_sharding, out)
+        self.train = jax.jit(functools.partial(train_step, tx=tx, grad_sharding=grad_sharding, **kw),
+                             donate_argnums=0, out_shardings=state_out)
+        accumulator = (out if grad_sharding is None else grad_sharding, out)
         self.accumulate = jax.jit(functools.partial(accumulate_gradients, **kw), donate_argnums=2,
-                                  out_shardings=out)
-        self.apply = jax.jit(functools.partial(_apply_accumulated, tx=tx), donate_argnums=0, out_shardings=out)
-        self.zeros = jax.jit(_zero_accumulator, out_shardings=out)
+                                  out_shardings=accumulator)
+        self.apply = jax.jit(functools.partial(_apply_accumulated, tx=tx, grad_sharding=grad_sharding),
+                             donate_argnums=0, out_shardings=state_out)
+        self.zeros = jax.jit(_zero_accumulator, out_shardings=accumulator)
         self._eval = jax.jit(functools.partial(eval_step, **kw), donate_argnums=2, out_shardings=out)
         self._zero_sums = jax.jit(_zero_sums, out_shardings=out)
         self.all_finite = jax.jit(_all_finite)
@@ -138,14 +156,13 @@ class Steps:
                           rng=jax.random.key_data(dropout_key))
 
     def init_state(self, seed: int) -> TrainState:
-        """Fresh parameters and optimizer state from `seed`, replicated over the mesh."""
-        return jax.jit(self._init, static_argnums=0, out_shardings=parallel.replicated(self.mesh))(seed)
+        """Fresh parameters and optimizer state from `seed`, placed on the mesh as the steps keep them."""
+        return jax.jit(self._init, static_argnums=0, out_shardings=self.state_sharding)(seed)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and placement, without computing (or allocating) it: a restore target."""
-        shapes = jax.eval_shape(self._init, 0)
-        sharding = parallel.replicated(self.mesh)
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            self._shapes, self.state_sharding)
 
     def evaluate(self, params, batches) -> dict:
         """Host sums (loss, nll, correct, tokens) over global batches, without dropout."""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -144,7 +145,8 @@ class _Trainer:
         self.mesh = parallel.make_mesh()
         self.schedule = learning_rate_schedule(self.model_cfg.d_model, self.t.warmup_steps, self.t.lr_scale)
         self.steps = Steps(self.model, make_optimizer(self.t, self.model_cfg.d_model), self.mesh,
-                           label_smoothing=self.t.label_smoothing)
+                           label_smoothing=self.t.label_smoothing,
+                           shard_optimizer_state=bool(self.t.shard_optimizer_state))
         self.store = ckpt.CheckpointStore(workdir / ckpt.CHECKPOINT_DIR, keep=self.t.keep_checkpoints,
                                           async_save=self.t.async_checkpointing)
         self._valid_batches = None
@@ -230,10 +232,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_train_config(config.train)
     check_lengths(config)  # a position table shorter than a batch would show up as a NaN loss
     TransformerConfig.from_dict(config.model.to_dict(), vocab_size=8)  # model keys, before any slow work
-    if config.train.cpu_data_parallel:  # a no-op once something has started JAX's backends
-        parallel.use_every_cpu_core()
+    every_core = config.train.cpu_data_parallel and parallel.use_every_cpu_core()  # too late once JAX runs
     parallel.maybe_initialize_distributed(config.train.distributed, timeout_s=float(config.train.distributed_timeout_s),
                                           heartbeat_timeout_s=float(config.train.heartbeat_timeout_s))
+    if config.train.cpu_data_parallel and not every_core and jax.default_backend() == "cpu" \
+            and jax.local_device_count() < (os.cpu_count() or 1):
+        log.warning("train.cpu_data_parallel: JAX started before jaxformer.train.run with %d CPU device(s) for %d "
+                    "cores, so training uses %d; call jaxformer.parallel.use_every_cpu_core() before anything "
+                    "else touches JAX", jax.local_device_count(), os.cpu_count(), jax.local_device_count())
     workdir = pathlib.Path(config.train.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     with log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -280,6 +280,39 @@ def test_gradient_accumulation_equals_one_big_batch(multi30k_batches, steps4):
     assert_same_params(jax.device_get(acc.params), jax.device_get(big.params))
 
 
+def test_sharded_optimizer_state_updates_like_a_replicated_one(multi30k_batches, steps4, tmp_path):
+    """train.shard_optimizer_state: each device keeps 1/4 of Adam's moments, the updates (one plain, one
+    accumulated) are those of the replicated state, and checkpoints move between the two placements."""
+    steps, mesh = steps4, steps4.mesh
+    sharded = Steps(steps.model, steps.tx, mesh, label_smoothing=0.1, shard_optimizer_state=True)
+    batches = [parallel.shard_batch(b, mesh) for b in multi30k_batches[:3]]
+    results = []
+    for s in (steps, sharded):
+        state = s.init_state(0)
+        state, _ = s.update(state, batches[:1])
+        state, metrics = s.update(state, batches[1:3])
+        results.append((state, float(metrics["loss"] / metrics["tokens"])))
+    (plain, loss_plain), (split, loss_split) = results
+    assert loss_split == pytest.approx(loss_plain, rel=1e-5)
+    assert_same_params(jax.device_get(plain.params), jax.device_get(split.params))
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(split.params))
+    mu = optax.tree_utils.tree_get(split.opt_state, "mu")["params"]["shared_embedding"]["embedding"]  # [vocab, d]
+    assert mu.addressable_shards[0].data.shape == (mu.shape[0] // 4, mu.shape[1])
+    moments = [x for x in jax.tree.leaves(split.opt_state) if x.ndim]
+    assert sum(not x.sharding.is_fully_replicated for x in moments) >= 0.9 * len(moments)
+
+    store = ckpt.CheckpointStore(tmp_path / "ck", keep=2, async_save=False)
+    for step, state, other in ((1, split, steps), (2, plain, sharded)):  # and resumed with the flag flipped
+        store.save(step, params=state.params, opt_state=state.opt_state, rng=state.rng, data_state={})
+        target = other.abstract_state()
+        restored = store.restore(step, params_like=target.params, opt_state_like=target.opt_state)
+        for got, want in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(target.opt_state)):
+            assert got.sharding == want.sharding
+        assert_same_params(*(jax.device_get(optax.tree_utils.tree_get(s, "nu")) for s in (restored.opt_state,
+                                                                                       state.opt_state)))
+    store.close()
+
+
 def test_bfloat16_compute_keeps_float32_master_weights(multi30k_batches, steps4):
     mesh = steps4.mesh
     batch = parallel.shard_batch(multi30k_batches[0], mesh)
