@@ -3,8 +3,9 @@
 Parameters are replicated; each batch is split along its first (batch) axis over all devices of all
 processes, and `jit` compiles one program for the whole global batch (XLA inserts the gradient
 all-reduce). The optimizer state is replicated too, or split over the devices (`split_over_data`,
-`train.shard_optimizer_state`), so that each device updates only its share of the parameters. Each process feeds only its own rows (`shard_batch`), so the same code runs on one
-CPU, eight GPUs, or a multi-host TPU pod.
+`train.shard_optimizer_state`), so that each device updates only its share of the parameters. Each
+process feeds only its own rows (`shard_batch`), so the same code runs on one CPU, eight GPUs, or a
+multi-host TPU pod.
 """
 
 from __future__ import annotations

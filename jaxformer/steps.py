@@ -61,8 +61,9 @@ def compute_gradients(state: TrainState, batch, micro_step=0, *, model: Transfor
 def apply_gradients(state: TrainState, grads, sums, *, tx: optax.GradientTransformation, grad_sharding=None):
     """One optimizer update with the token-mean gradient; returns (new state, metrics sums + grad_norm).
 
-    With `grad_sharding` (the optimizer state's split, per parameter) the gradient sum over devices becomes a
-    reduce-scatter, each device updates its share of the parameters, and XLA all-gathers the new ones.
+    With `grad_sharding` (the optimizer state's split, per parameter) each device gets only its share of
+    the gradient sum (XLA CPU computes it as a whole all-reduce and a slice: benchmarks/cpu_collectives.py),
+    updates its share of the parameters, and XLA all-gathers the new ones.
     """
     if grad_sharding is not None:
         grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
