@@ -124,7 +124,6 @@ def train_compare(config, vocab_path: str, workdir: str, steps: int) -> list[dic
     from common import time_calls
     from jaxformer import parallel
     from jaxformer.model import Transformer, TransformerConfig
-    from jaxformer.optim import make_optimizer
     from jaxformer.steps import Steps
     from jaxformer.train import run
 
@@ -135,8 +134,7 @@ def train_compare(config, vocab_path: str, workdir: str, steps: int) -> list[dic
     tokenizer = Tokenizer.load(vocab_path)
     model_cfg = TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size)
     mesh = parallel.make_mesh()
-    step_fns = Steps(Transformer(model_cfg), make_optimizer(config.train, model_cfg.d_model), mesh,
-                     label_smoothing=config.train.label_smoothing)
+    step_fns = Steps.from_config(Transformer(model_cfg), config.train, mesh)  # the step the loop runs
     it = make_batches(config, tokenizer, "train", repeat=True, shuffle=True,
                       num_devices=parallel.local_devices_in(mesh))
     host = [next(it) for _ in range(steps)][steps - steps // 2:]  # the batches of the loop's last window

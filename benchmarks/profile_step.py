@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 from common import device_summary  # noqa: E402
 from jaxformer import parallel  # noqa: E402
 from jaxformer.model import Transformer  # noqa: E402
-from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
 from step_ab import step_inputs, textbook_head  # noqa: E402
 from train_vs_pytorch import SHAPES  # noqa: E402
@@ -98,8 +97,7 @@ def main(argv=None):
         cfg, host, train_cfg = step_inputs(args.shape, args.data, tmp)
         mesh = parallel.make_mesh()
         batches = [parallel.shard_batch(b, mesh) for b in host]
-        steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
-                      shard_optimizer_state=train_cfg.shard_optimizer_state)
+        steps = Steps.from_config(Transformer(cfg), train_cfg, mesh)
         state = steps.init_state(seed=0)
         with textbook_head() if args.textbook_head else contextlib.nullcontext():  # matters while tracing
             metadata = op_metadata(steps.train.lower(state, batches[0]).compile().as_text())

@@ -46,7 +46,6 @@ from jaxformer import parallel, steps as steps_lib  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.data import PAD_ID, Tokenizer, make_batches, sample_sentences  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
-from jaxformer.optim import make_optimizer  # noqa: E402
 from input_pipeline import recipe  # noqa: E402
 from train_vs_pytorch import SHAPES, make_batch  # noqa: E402
 
@@ -133,9 +132,8 @@ def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> lis
         mesh = parallel.make_mesh(jax.devices()[:1] if name == "one-device" else None)
         batches = [parallel.shard_batch(b, mesh) for b in host]
         with BASELINES[baseline]() if name == baseline else contextlib.nullcontext():
-            shard = bool(train_cfg.shard_optimizer_state) and name != "replicated-optimizer"
-            steps = steps_lib.Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh,
-                                    label_smoothing=0.1, shard_optimizer_state=shard)
+            steps = steps_lib.Steps.from_config(Transformer(cfg), train_cfg, mesh, shard_optimizer_state=False
+                                                if name == "replicated-optimizer" else None)
             state = steps.init_state(seed=0)
             for batch in batches[:2]:  # compile and warm up
                 state, metrics = steps.train(state, batch)

@@ -25,7 +25,6 @@ from common import device_summary, matmul_peak_flops, report, time_calls, transf
 from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
-from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
 
 SHAPES = {
@@ -39,9 +38,7 @@ def measure(shape: str, dtype: str, attention_impl: str, repeats: int, peak: flo
     spec = SHAPES[shape]
     cfg = TransformerConfig(**spec["model"], dtype=dtype, attention_impl=attention_impl)
     mesh = parallel.make_mesh()
-    train_cfg = default_config().train  # as train.py runs the step
-    steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
-                  shard_optimizer_state=train_cfg.shard_optimizer_state)
+    steps = Steps.from_config(Transformer(cfg), default_config().train, mesh)  # as train.py runs the step
     state = steps.init_state(seed=0)
     rng = np.random.default_rng(0)
     b, s, t = spec["batch"], spec["src_len"], spec["tgt_len"]

@@ -50,7 +50,6 @@ from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.data import PAD_ID  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig, sinusoidal_positions  # noqa: E402
-from jaxformer.optim import make_optimizer  # noqa: E402
 from jaxformer.steps import Steps  # noqa: E402
 
 SHAPES = {
@@ -84,9 +83,7 @@ def make_batch(cfg: TransformerConfig, spec: dict) -> dict:
 def jax_step(cfg: TransformerConfig, host: dict):
     """A zero-argument function running one compiled jaxformer train step (blocks until it is done)."""
     mesh = parallel.make_mesh()
-    train_cfg = default_config().train  # as train.py runs the step
-    steps = Steps(Transformer(cfg), make_optimizer(train_cfg, cfg.d_model), mesh, label_smoothing=0.1,
-                  shard_optimizer_state=train_cfg.shard_optimizer_state)
+    steps = Steps.from_config(Transformer(cfg), default_config().train, mesh)  # as train.py runs the step
     holder = {"state": steps.init_state(seed=0)}
     batch = parallel.shard_batch(host, mesh)
 

@@ -20,6 +20,7 @@ from jaxformer import parallel
 from jaxformer.data import PAD_ID
 from jaxformer.loss import token_statistics
 from jaxformer.model import Transformer
+from jaxformer.optim import make_optimizer
 
 
 
@@ -148,6 +149,14 @@ class Steps:
         self._eval = jax.jit(functools.partial(eval_step, **kw), donate_argnums=2, out_shardings=out)
         self._zero_sums = jax.jit(_zero_sums, out_shardings=out)
         self.all_finite = jax.jit(_all_finite)
+
+    @classmethod
+    def from_config(cls, model: Transformer, train_cfg, mesh, *, shard_optimizer_state: bool | None = None):
+        """The steps train.py runs: `train_cfg`'s optimizer, label smoothing and optimizer-state placement
+        (`shard_optimizer_state`, when given, overrides the config's)."""
+        shard = train_cfg.shard_optimizer_state if shard_optimizer_state is None else shard_optimizer_state
+        return cls(model, make_optimizer(train_cfg, model.config.d_model), mesh,
+                   label_smoothing=float(train_cfg.label_smoothing), shard_optimizer_state=bool(shard))
 
     def _init(self, seed: int) -> TrainState:
         init_key, dropout_key = jax.random.split(jax.random.key(seed))

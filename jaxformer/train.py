@@ -25,7 +25,7 @@ from jaxformer import parallel
 from jaxformer.config import check_lengths
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
 from jaxformer.model import Transformer, TransformerConfig, accelerator_platform, count_params
-from jaxformer.optim import learning_rate_schedule, make_optimizer
+from jaxformer.optim import learning_rate_schedule
 from jaxformer.preemption import Preempted, StopSignals
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
 
@@ -144,9 +144,7 @@ class _Trainer:
         self.model = Transformer(self.model_cfg)
         self.mesh = parallel.make_mesh()
         self.schedule = learning_rate_schedule(self.model_cfg.d_model, self.t.warmup_steps, self.t.lr_scale)
-        self.steps = Steps(self.model, make_optimizer(self.t, self.model_cfg.d_model), self.mesh,
-                           label_smoothing=self.t.label_smoothing,
-                           shard_optimizer_state=bool(self.t.shard_optimizer_state))
+        self.steps = Steps.from_config(self.model, self.t, self.mesh)
         self.store = ckpt.CheckpointStore(workdir / ckpt.CHECKPOINT_DIR, keep=self.t.keep_checkpoints,
                                           async_save=self.t.async_checkpointing)
         self._valid_batches = None
