@@ -45,7 +45,7 @@ def matmul_forms(tokens: int, d_in: int, d_out: int) -> dict:
         "dW einsum td,tf->df (autodiff's)": (jax.jit(lambda x, dy: jnp.einsum("td,tf->df", x, dy)), (x, dy)),
         "dW (dy.T@x).T": (jax.jit(lambda x, dy: (dy.T @ x).T), (x, dy)),
         "dW transpose(x) copied, then @dy": (
-            jax.jit(lambda x, dy: jnp.asarray(jax.lax.optimization_barrier(x.T)) @ dy), (x, dy)),
+            jax.jit(lambda x, dy: jax.lax.optimization_barrier(x.T) @ dy), (x, dy)),
     }
 
 
@@ -65,8 +65,7 @@ def step_dots(shape: str) -> dict:
     from jaxformer.steps import Steps
     from step_ab import step_inputs
 
-    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                        "multi30k")
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "multi30k")
     with tempfile.TemporaryDirectory(prefix="dot_layouts-") as tmp:
         cfg, host, train_cfg = step_inputs(shape, data, tmp)
         mesh = parallel.make_mesh()
