@@ -84,13 +84,10 @@ def bleu_scores(hypotheses: Sequence[str], references: Sequence[str], *, tokeniz
 
 def evaluate_texts(translator, sources: Sequence[str], references: Sequence[str], *, tokenize: str | None = None,
                    **decode_overrides) -> BleuResult:
-    """Translate `sources` with a Translator (or (model, params, tokenizer) triple, or path) and score them
-    (cased, with the lowercased score beside it)."""
-    from jaxformer.translate import _as_translator
-
+    """Translate `sources` with a `Translator` and score them (cased, with the lowercased score beside it)."""
     if len(sources) != len(references):
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
-    hypotheses = _as_translator(translator).translate(list(sources), **decode_overrides)
+    hypotheses = translator.translate(list(sources), **decode_overrides)
     return bleu_scores(hypotheses, references, tokenize=tokenize)
 
 
@@ -121,25 +118,7 @@ def count_bad_lines(sources: Sequence[str], references: Sequence[str]) -> dict[s
     return {"empty": empty, "bad_utf8": bad}
 
 
-def _run_config(model_path: pathlib.Path):
-    """The config to find the test set and BLEU tokenizer with: the run's (workdir), or what an export kept."""
-    from jaxformer import export
-    from jaxformer.config import default_config
-
-    if not export.is_export_dir(model_path):
-        from jaxformer import checkpoint
-        return checkpoint.load_run_config(model_path)
-    config = default_config()
-    meta = export.load_export_config(model_path)
-    for key, value in (meta.get("data") or {}).items():
-        if key in config.data:
-            config.data[key] = tuple(value) if isinstance(config.data[key], tuple) else value
-    if meta.get("bleu_tokenize") and "bleu_tokenize" in config.train:
-        config.train.bleu_tokenize = meta["bleu_tokenize"]
-    return config
-
-
-def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "test",
+def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, split: str = "test",
                    src_file: str | None = None, ref_file: str | None = None, average_last: int | None = None,
                    step: int | None = None, data_overrides: Mapping[str, Any] | None = None,
                    decode_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
@@ -148,12 +127,14 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     A workdir is evaluated as the average of its last `train.average_last` checkpoints unless `average_last`
     or `step` says otherwise. Every line is scored (see the module docstring). Without `tokenize`, sacreBLEU's
-    tokenizer is the run's `train.bleu_tokenize` (default 13a)."""
-    from jaxformer.translate import load_translator
+    tokenizer is the run's `train.bleu_tokenize` (default 13a). Without `out_dir`, the files go to
+    `model_path/evaluation/<split or source file name>`."""
+    from jaxformer.config import default_config
+    from jaxformer.io import load
 
     model_path = pathlib.Path(model_path)
-    translator = load_translator(model_path, step=step, average_last=average_last)
-    config = _run_config(model_path)
+    translator = load(model_path, step=step, average_last=average_last)
+    config = translator.config if translator.config is not None else default_config()
     if tokenize is None:
         tokenize = config.train.get("bleu_tokenize") or None
     if (src_file is None) != (ref_file is None):
@@ -183,7 +164,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     hypotheses = translator.translate(sources, **dict(decode_overrides or {}))
     seconds = time.time() - start
     result = bleu_scores(hypotheses, references, tokenize=tokenize)
-    out = pathlib.Path(out_dir)
+    out = pathlib.Path(out_dir) if out_dir is not None else model_path / "evaluation" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.hyp").write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
     settings = dict(translator.decode)
@@ -195,6 +176,6 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             "seconds": round(seconds, 2), "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 2)}
     (out / "bleu.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "bleu.txt").write_text(result.lines())
-    log.info("%s (lowercased: %.2f) on %d sentences of %s%s", result.text, result.lowercased.score, len(sources),
-             origin, f", checkpoint steps {steps}" if steps else "")
+    log.info("%s (lowercased: %.2f) on %d sentences of %s%s; files in %s", result.text, result.lowercased.score,
+             len(sources), origin, f", checkpoint steps {steps}" if steps else "", out)
     return result

@@ -16,7 +16,8 @@ import pytest
 from jaxformer import checkpoint, cli
 from jaxformer.config import check_lengths, default_config
 from jaxformer.evaluate import bleu_scores, run_evaluation
-from jaxformer.translate import load_translator, translate
+from jaxformer import load as load_translator
+from jaxformer.translate import Translator
 from test_decode import made_up_sentences, trained_copy_model
 
 SENTENCES = made_up_sentences(6, seed=11)
@@ -157,8 +158,8 @@ def test_training_refuses_a_short_position_table_at_start(tmp_path):
 def test_an_output_limit_past_the_position_table_is_capped_with_a_warning(bundle, caplog):
     model, params, tokenizer = bundle  # max_len 64
     with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
-        out = translate(bundle, SENTENCES[:2], max_extra_len=50, batch_size=8)
+        out = Translator(*bundle)(SENTENCES[:2], max_extra_len=50, batch_size=8)
     assert "model.max_len" not in caplog.text  # inputs of a few tokens + 50 fit in 64
     with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
-        assert translate(bundle, SENTENCES[:2], max_extra_len=70, batch_size=8) == out
+        assert Translator(*bundle)(SENTENCES[:2], max_extra_len=70, batch_size=8) == out
     assert "2 of 2 sentences have input + decode.max_extra_len=70 longer than model.max_len=64" in caplog.text

@@ -49,16 +49,10 @@ def import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
 def test_the_graph_sees_lazy_imports():
     graph = import_graph()
     assert "jaxformer.model" in graph["jaxformer.translate"]    # at the top of the file
-    assert "jaxformer.checkpoint" in graph["jaxformer.translate"]  # inside load_translator
+    assert "jaxformer.data" in graph["jaxformer.io.runs"]  # inside read()
 
 
-def test_no_two_jaxformer_modules_import_each_other():
-    graph = import_graph()
-    pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())})
-    assert not pairs, f"modules importing each other (move what both need to a third module): {pairs}"
-
-
-def test_the_imports_form_no_longer_circle_either():
+def test_the_imports_form_no_circle():
     graph = import_graph()
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
