@@ -3,6 +3,7 @@
     jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
+                       [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
     jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
                              [--layers -1] [--heads 0,1] --out attention.png
@@ -144,7 +145,8 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     data_overrides = parse_overrides(extra, "data", default_config().data.to_dict())
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, data_overrides=data_overrides,
-                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize)
+                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
+                            tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split)
     print(result.lines(), end="")
     return 0
 
@@ -213,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: MODEL/evaluation/SPLIT or MODEL/evaluation/SRC-NAME)")
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     p.add_argument("--tokenize", default=None, help="sacreBLEU tokenizer, e.g. 13a, intl, char (default: the run's train.bleu_tokenize, else 13a)")
+    p.add_argument("--tokenized", action="store_true", help="the model writes tokenized text (trained on "
+                   "tokenized files): also score tokenized BLEU, output and references as they are (multi-bleu)")
+    p.add_argument("--tok-refs", default=None, metavar="FILE", help="lowercased Moses-tokenized references of the "
+                   "test set: also score the raw output lowercased, normalised and Moses-tokenized against them")
+    p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "
+                   "Moses-tokenized, hyphens split as tensor2tensor's get_ende_bleu.sh")
     _add_decode_args(p)
 
     p = sub.add_parser("export", help="write the model in another format: jaxformer's own (safetensors + config "

@@ -61,7 +61,7 @@ def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, 
                   tokenize: str = "13a") -> tuple[dict, list[str]]:
     """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
     same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
-    from jaxformer.evaluate import bleu_scores
+    from jaxformer.bleu import bleu_scores
     from jaxformer.translate import translate_texts
 
     hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)

@@ -68,8 +68,10 @@ def test_bleu_scores_gives_the_cased_and_the_lowercased_score():
     info = result.to_json()
     assert info["bleu"] == result.score and info["bleu_lowercase"] == result.lowercased.score
     assert info["signature_lowercase"] == result.lowercased.signature
-    assert result.lines().splitlines() == [result.text, result.signature, result.lowercased.text,
+    assert result.lines().splitlines() == [f"{result.description}: {result.text}", result.signature,
+                                           f"{result.lowercased.description}: {result.lowercased.text}",
                                            result.lowercased.signature]
+    assert info["description"].startswith("cased sacreBLEU") and info["description_lowercase"].startswith("lowercased")
 
 
 def test_evaluate_a_run_averages_its_last_k_by_default(bundle, tmp_path, capsys):
