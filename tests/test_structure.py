@@ -71,3 +71,37 @@ def test_the_imports_form_no_circle():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+# The flow of data, lowest first: a module may import only modules of a lower stage (or of its own package).
+STAGES = {
+    "jaxformer.ops": 0, "jaxformer.config": 0, "jaxformer.synthetic": 0, "jaxformer.preemption": 0,
+    "jaxformer.metrics": 0, "jaxformer.bleu": 0, "jaxformer.loss": 0, "jaxformer.optim": 0, "jaxformer.parallel": 0,
+    "jaxformer.attention": 1, "jaxformer.data": 1,
+    "jaxformer.decode_cache": 2,
+    "jaxformer.model": 3,
+    "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4,
+    "jaxformer.translate": 5,
+    "jaxformer.io": 6, "jaxformer.plotting": 6,
+    "jaxformer.evaluate": 7, "jaxformer.train": 7,
+    "jaxformer.cli": 8,
+    "jaxformer": 9,
+}
+
+
+def _stage(module: str) -> tuple[str, int]:
+    for prefix in sorted(STAGES, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return prefix, STAGES[prefix]
+    raise AssertionError(f"{module} has no place in STAGES: add it where the flow of data puts it")
+
+
+def test_nothing_imports_upward():
+    upward = []
+    for module, deps in import_graph().items():
+        package, stage = _stage(module)
+        for dep in deps:
+            dep_package, dep_stage = _stage(dep)
+            if dep_stage >= stage and dep_package != package:
+                upward.append(f"{module} -> {dep}")
+    assert not upward, f"imports against the flow of data: {upward}"
