@@ -144,6 +144,15 @@ def padding_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Arr
     return mask
 
 
+def key_value_lengths(valid: jax.Array) -> jax.Array:
+    """[B] int32: real keys per row of `valid` [B, S] (right padding), at least 1; cuDNN's padding mask.
+
+    An all-PAD row (the filler rows of evaluation and decode batches) would get 0, and cuDNN's padding mask
+    would then leave its queries no key at all: NaN outputs, which a zero loss weight does not cancel
+    (NaN * 0 is NaN). Such a row's outputs are never used, so attending to its first (PAD) key is harmless."""
+    return jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.int32), 1)
+
+
 def segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
     """[B, 1, Tq, Tk]: packed rows attend only within their own pair.
 
@@ -645,7 +654,7 @@ class Transformer(nn.Module):
             mask = segment_mask(src_segments, src_segments)
         else:
             mask = padding_mask(None, src_valid)
-            lengths = jnp.sum(src_valid, axis=-1)
+            lengths = key_value_lengths(src_valid)
         x = self.encoder_embedder(src, src_positions, deterministic=deterministic)
         for layer in self.encoder_layers:
             x = layer(x, mask, deterministic=deterministic, key_lengths=lengths)
@@ -677,7 +686,7 @@ class Transformer(nn.Module):
         else:
             self_mask = _combine(causal_mask(tgt_in.shape[1]), padding_mask(None, tgt_in != cfg.pad_id))
             cross_mask = src_mask[:, None, None, :]
-            is_causal, memory_lengths = True, jnp.sum(src_mask, axis=-1)
+            is_causal, memory_lengths = True, key_value_lengths(src_mask)
         y = self.decoder_embedder(tgt_in, tgt_positions, deterministic=deterministic, decode=decode)
         for layer in self.decoder_layers:
             y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
