@@ -419,7 +419,7 @@ def _environment(ctx: Context):
     import numpy as np
     import optax
 
-    from jaxformer.model import accelerator_platform
+    from jaxformer.attention import accelerator_platform
 
     device = jax.devices()[0]
     try:
@@ -566,7 +566,8 @@ def _logits_check(ctx: Context):
     import jax
     import numpy as np
 
-    from jaxformer.model import TransformerConfig, accelerator_platform, init_params
+    from jaxformer.attention import accelerator_platform
+    from jaxformer.model import TransformerConfig, init_params
 
     c = ctx.multi30k_config()
     tokenizer = load_tokenizer(ctx)
@@ -622,7 +623,8 @@ def _all_pad_check(ctx: Context):
     import jax
 
     from jaxformer import parallel
-    from jaxformer.model import TransformerConfig, accelerator_platform, init_params
+    from jaxformer.attention import accelerator_platform
+    from jaxformer.model import TransformerConfig, init_params
 
     c = ctx.multi30k_config()
     tokenizer = load_tokenizer(ctx)
@@ -736,13 +738,14 @@ def trained_model(ctx: Context):
     """(translator, what): the model `correctness` trained, or the Multi30k shape with random weights."""
     import jax
 
+    from jaxformer import io
     from jaxformer.model import Transformer, TransformerConfig, init_params
-    from jaxformer.translate import Translator, load_translator
+    from jaxformer.translate import Translator
 
     workdir = os.path.join(ctx.work, "train_gpu")
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         with contextlib.suppress(Exception):
-            translator = load_translator(workdir)
+            translator = io.load(workdir)
             return translator, f"trained {translator.checkpoint_steps} steps on the device"
     c = ctx.multi30k_config()
     tokenizer = load_tokenizer(ctx)
@@ -796,7 +799,7 @@ def _beam_check(ctx: Context):
 def speed_models(ctx: Context) -> dict:
     """{"base": config, "big": config}: configs/wmt14_base.py and wmt14_big.py in bf16 with the brought data
     (float32 on a CPU, whose XLA has no bf16 x bf16 -> float32 products; a dry run: a tiny "base" only)."""
-    from jaxformer.model import accelerator_platform
+    from jaxformer.attention import accelerator_platform
 
     out = {}
     for name in ("base",) if ctx.dry else ("base", "big"):
@@ -902,7 +905,7 @@ def measure_step(ctx: Context, config, batches, *, impl: str, warmup: int, repea
 
 def resolved_impl(cfg, pack: bool) -> tuple[str, str]:
     """(implementation, reason): what `choose_attention_impl` makes of cfg.attention_impl in the train step."""
-    from jaxformer.model import accelerator_platform, choose_attention_impl
+    from jaxformer.attention import accelerator_platform, choose_attention_impl
 
     return choose_attention_impl(cfg.attention_impl, platform=accelerator_platform(), dtype=cfg.compute_dtype,
                                  head_dim_k=cfg.head_dim_k, head_dim_v=cfg.head_dim_v, structured_mask=not pack,
@@ -911,7 +914,7 @@ def resolved_impl(cfg, pack: bool) -> tuple[str, str]:
 
 def part_speed(ctx: Context):
     """Base first, then big; per packing, "auto" first (its choice logged), then the other implementations."""
-    from jaxformer.model import accelerator_platform
+    from jaxformer.attention import accelerator_platform
 
     peak = bf16_peak(ctx)
     yield {"what": "flop formula", "note": FLOP_FORMULA, "bf16_peak_tflops": peak / 1e12}

@@ -21,8 +21,8 @@ from common import transformer_train_flops  # noqa: E402
 from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
-from jaxformer.model import Transformer, TransformerConfig, choose_attention_impl, init_params, \
-    key_value_lengths  # noqa: E402
+from jaxformer.attention import choose_attention_impl, key_value_lengths  # noqa: E402
+from jaxformer.model import Transformer, TransformerConfig, init_params  # noqa: E402
 from jaxformer.steps import Steps, summarize  # noqa: E402
 
 TINY = dict(vocab_size=40, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
