@@ -1,6 +1,6 @@
 """The GPU path checked and measured by one command: environment, correctness, speed, memory, decode.
 
-    bash benchmarks/gpu_check.sh RESULTS_DIR            # on the GPU machine: brought wheels and data (docs/gpu_check.md)
+    bash benchmarks/gpu_check.sh RESULTS_DIR     # on the GPU machine: the brought wheels and data (docs/gpu_check.md)
     python benchmarks/gpu_check.py --out RESULTS_DIR [--data DIR] [--parts speed,memory] [--budget-s 470]
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check   # every part on the CPU with tiny shapes
 
@@ -59,7 +59,7 @@ PARTS = {
                      "memory_limit_gib"]),
     "correctness": (150, 150, ["what", "layout", "impl", "dtype", "metric", "value", "tolerance", "pass", "note"]),
     "speed": (150, 90, ["model", "pack", "impl", "resolved", "batch", "pad_eff", "compile_s", "step_ms",
-                        "tgt_tokens_per_s", "mfu", "mfu_slots", "step_gib"]),
+                        "tgt_tokens_per_s", "tgt_tokens_per_s_all_buckets", "mfu", "mfu_slots", "step_gib"]),
     "memory": (70, 60, ["what", "model", "rows", "tokens_per_batch", "step_gib", "peak_gib", "limit_gib", "fits",
                         "note"]),
     "decode": (40, 40, ["what", "dtype", "batch_size", "sentences", "seconds", "sentences_per_s", "compile_s",
@@ -815,10 +815,10 @@ def speed_models(ctx: Context) -> dict:
 
 
 def speed_batches(ctx: Context, config, pack: bool, count: int) -> tuple[list, float]:
-    """`count` train batches (host numpy) of one shape, and the padding efficiency of the batches drawn.
+    """`count` train batches (host numpy) of one shape, and the padding efficiency of all the batches drawn.
 
     Packed batches all have one shape; unpacked ones take the shape (bucket) most batches had among the first
-    40 drawn, so one compile measures the common case."""
+    40 drawn, so that one compile measures the common case."""
     from jaxformer.data import padding_efficiency
 
     config.data.pack = pack
@@ -913,8 +913,12 @@ def resolved_impl(cfg, pack: bool) -> tuple[str, str]:
 
 
 def part_speed(ctx: Context):
-    """Base first, then big; per packing, "auto" first (its choice logged), then the other implementations."""
+    """Base first, then big; per packing, "auto" first (its choice logged), then the other implementations.
+
+    Unpacked, the timed batches are one bucket's (`speed_batches`); `tgt_tokens_per_s_all_buckets` scales their
+    rate by the padding of every bucket's batches against theirs, as if a slot cost the same in every bucket."""
     from jaxformer.attention import accelerator_platform
+    from jaxformer.data import padding_efficiency
 
     peak = bf16_peak(ctx)
     yield {"what": "flop formula", "note": FLOP_FORMULA, "bf16_peak_tflops": peak / 1e12}
@@ -923,6 +927,7 @@ def part_speed(ctx: Context):
     for name, config in speed_models(ctx).items():
         for pack in (True, False):
             batches, efficiency = speed_batches(ctx, config, pack, count)
+            timed_efficiency = padding_efficiency(batches)
             done = set()
             for impl in ["auto"] + impls:
                 if impl in done:
@@ -937,11 +942,13 @@ def part_speed(ctx: Context):
                     m = measure_step(ctx, config, batches, impl=impl, warmup=warmup, repeats=repeats)
                     choice = resolved_impl(m["cfg"], pack)
                     done.add(choice[0])
+                    rate, flop_rate = m["tgt_tokens"] / m["step_s"], 1.0 / m["step_s"] / peak
                     yield {"what": "train step", "model": name, "pack": pack, "impl": impl, "resolved": choice[0],
-                           "dtype": config.model.dtype,
-                           "batch": m["batch"], "pad_eff": efficiency, "compile_s": m["compile_s"],
-                           "step_ms": 1e3 * m["step_s"], "tgt_tokens_per_s": m["tgt_tokens"] / m["step_s"],
-                           "mfu": m["useful_flops"] / m["step_s"] / peak, "mfu_slots": m["slot_flops"] / m["step_s"] / peak,
+                           "dtype": config.model.dtype, "batch": m["batch"], "pad_eff": timed_efficiency,
+                           "pad_eff_all_buckets": efficiency, "compile_s": m["compile_s"], "step_ms": 1e3 * m["step_s"],
+                           "tgt_tokens_per_s": rate,
+                           "tgt_tokens_per_s_all_buckets": rate * efficiency / timed_efficiency,
+                           "mfu": m["useful_flops"] * flop_rate, "mfu_slots": m["slot_flops"] * flop_rate,
                            "step_gib": m["step_gib"], "tgt_tokens_per_step": m["tgt_tokens"],
                            "loss_finite": m["loss_finite"], "attention_log": ctx.attention_log.since(mark, choice)}
 
@@ -956,7 +963,6 @@ def part_memory(ctx: Context):
     process; then the largest big batch: a line through the compiled step's memory at two batch sizes
     predicts the rows that fill 95% of the device's limit, and one step at that size confirms it (or 85% of it)."""
     import jax
-    import numpy as np
 
     models = speed_models(ctx)
     device = jax.devices()[0]
@@ -979,11 +985,12 @@ def part_memory(ctx: Context):
         return
     last = list(models)[-1]
     yield from guarded(f"largest {last} batch", _largest_batch, ctx, last, models[last], big_batch, big_step_gib,
-                       limit, np)
+                       limit)
 
 
-def _largest_batch(ctx: Context, name: str, config, batch, step_gib, limit, np):
+def _largest_batch(ctx: Context, name: str, config, batch, step_gib, limit):
     import jax
+    import numpy as np
 
     rows, length = batch["src"].shape
     if limit is None:  # no device limit on a CPU: the dry run pretends a small one, to run the search
@@ -998,7 +1005,8 @@ def _largest_batch(ctx: Context, name: str, config, batch, step_gib, limit, np):
     for factor in (1.0, 0.85):
         n = max(rows, int(predicted * factor))
         if ctx.left() < 15:
-            yield {"what": f"largest {name} batch", "model": name, "rows": n, "note": "skipped: the part's time is spent"}
+            yield {"what": f"largest {name} batch", "model": name, "rows": n,
+                   "note": "skipped: the part's time is spent"}
             return
         try:
             m = measure_step(ctx, config, [tiled(n)], impl="auto", warmup=0, repeats=1)
@@ -1007,13 +1015,12 @@ def _largest_batch(ctx: Context, name: str, config, batch, step_gib, limit, np):
                 raise
             yield {"what": f"largest {name} batch", "model": name, "rows": n, "tokens_per_batch": n * length,
                    "fits": False, "note": str(e)[:200]}
-            jax.clear_caches()
             continue
         stats = jax.devices()[0].memory_stats() or {}
         yield {"what": f"largest {name} batch", "model": name, "rows": n, "tokens_per_batch": n * length,
                "fits": True, "step_gib": m["step_gib"], "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB or None,
                "limit_gib": limit / GIB, "step_ms": 1e3 * m["step_s"],
-               "note": "rows of the packed 25k batch repeated; slots per side"}
+               "note": f"the packed {config.data.tokens_per_batch}-slot batch's rows repeated; tokens: slots a side"}
         return
 
 
