@@ -746,7 +746,7 @@ def trained_model(ctx: Context):
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         with contextlib.suppress(Exception):
             translator = io.load(workdir)
-            return translator, f"trained {translator.checkpoint_steps} steps on the device"
+            return translator, f"trained on the device (checkpoint {translator.checkpoint_steps})"
     c = ctx.multi30k_config()
     tokenizer = load_tokenizer(ctx)
     cfg = TransformerConfig.from_dict(c.model.to_dict(), vocab_size=tokenizer.vocab_size)
