@@ -361,9 +361,10 @@ print([sp.decode(r.hypotheses[0]) for r in results])
 Those options are the ones closest to jaxformer's search with the model's decode settings
 (beam {settings['beam_size']}, length penalty {settings['length_penalty']}, max_extra_len {settings['max_extra_len']}).
 The two searches still differ: CTranslate2 divides a hypothesis' log-probability by length^alpha (ours by
-((5 + length) / 6)^alpha, EOS counted), cuts a hypothesis at max_decoding_length (ours forces and scores an
-EOS there), and takes one length limit per call (ours: each source's length with EOS + max_extra_len).
-Greedy search (beam_size=1) gives the same translations as jaxformer's with max_decoding_length set per
-batch to min(longest source + 1 + max_extra_len, max_input_length) - 1. `jaxformer.json` holds the model
-config and decode settings this was written from.
+((5 + length) / 6)^alpha; both count the EOS), stops once beam_size hypotheses have finished, cuts a
+hypothesis at max_decoding_length (ours forces and scores an EOS there), and takes one length limit per
+call (ours: each source's length with EOS + max_extra_len, capped at the position table). Greedy search
+(beam_size=1) gives jaxformer's translations token for token when max_decoding_length is
+min(source tokens + 1 + max_extra_len, max_input_length) - 1 for every sentence of the batch.
+`jaxformer.json` holds the model config and decode settings this was written from.
 """
