@@ -92,10 +92,10 @@ def unsupported(config: TransformerConfig) -> str | None:
 def position_table(config: TransformerConfig) -> np.ndarray:
     """The model's sinusoid table [max_len, d_model], in its own feature order (`model.sinusoid_layout`)."""
     layout = _option(config, "sinusoid_layout", "interleaved")
-    table = sinusoidal_positions(config.max_len, config.d_model)
     names = [n for n in inspect.signature(sinusoidal_positions).parameters if "layout" in n]
     if names:  # the model's own function knows the layouts: ask it
         return np.asarray(sinusoidal_positions(config.max_len, config.d_model, **{names[0]: layout}), np.float32)
+    table = sinusoidal_positions(config.max_len, config.d_model)
     if layout == "halves":  # sin of every frequency, then cos: the same values, features reordered
         table = np.concatenate([table[:, 0::2], table[:, 1::2]], axis=1)
     return np.asarray(table, np.float32)
