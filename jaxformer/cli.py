@@ -4,7 +4,8 @@
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
                        [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
-    jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer] [--jax-export]
+    jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer|ctranslate2]
+                     [--quantization int8] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
                              [--layers -1] [--heads 0,1] --out attention.png
     jaxformer average --workdir RUN --last K --out DIR       (orbax params; see jaxformer.checkpoint)
@@ -159,6 +160,10 @@ def _cmd_export(args) -> int:
     if args.jax_export:
         options = dict(jax_export=True, jax_export_src_len=args.jax_export_src_len,
                        jax_export_platforms=args.jax_export_platforms)
+    if args.quantization is not None:
+        if args.format != "ctranslate2":
+            raise ValueError(f"--quantization applies to --format ctranslate2, not {args.format}")
+        options["quantization"] = args.quantization
     out = io.export(translator, args.out, format=args.format, **options)
     steps = translator.checkpoint_steps
     origin = (f"parameters of checkpoint step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
@@ -227,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "+ vocab)")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--format", default="jaxformer", help="the format to write (default jaxformer)")
+    p.add_argument("--format", default="jaxformer", help="jaxformer (default), or ctranslate2 (for serving; needs "
+                                                         "pip install -e '.[interop]')")
+    p.add_argument("--quantization", default=None, help="ctranslate2: float32 (default), int8, int16, float16, "
+                                                        "int8_float16, ...")
     p.add_argument("--jax-export", action="store_true",
                    help="also serialize the search (greedy or beam, per the decode settings) with jax.export")
     p.add_argument("--jax-export-src-len", type=int, default=64, metavar="S",

@@ -4,7 +4,8 @@
     translator = jaxformer.load("exports/multi30k")   # an export directory (jaxformer's own format)
     jaxformer.io.export(translator, "exports/ct2", format="ctranslate2")
 
-`load` recognises what a path holds by its files; each format is one module here (`runs`, `native`, ...).
+`load` recognises what a path holds by its files; each format is one module here: `runs` (training run
+directories), `native` (jaxformer's export directory), `ctranslate2` (a CTranslate2 model for serving).
 Data flows one way: these modules read and write files and build a `jaxformer.translate.Translator`;
 nothing below them imports them.
 """
@@ -19,7 +20,7 @@ from jaxformer.translate import Translator
 
 __all__ = ["load", "export", "FORMATS"]
 
-FORMATS = ("jaxformer",)
+FORMATS = ("jaxformer", "ctranslate2")
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, average_last: int | None = None) -> Translator:
@@ -44,4 +45,9 @@ def export(translator: Translator, out_dir: str | os.PathLike, *, format: str = 
     """Write `translator` to `out_dir` in `format` (one of FORMATS); `options` go to that format's writer."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "ctranslate2":
+        from jaxformer.io.ctranslate2 import write_ctranslate2
+
+        return write_ctranslate2(out_dir, translator.model.config, translator.params, translator.tokenizer,
+                                 translator.decode, **options)
     return native.write(translator, out_dir, **options)
