@@ -4,7 +4,9 @@
       config.json                  {"format": "jaxformer-export", "version": 1, "model": TransformerConfig,
                                     "decode": decode settings, "data": languages etc. (optional), "files": ...}
       params.safetensors           float parameters, keys are the '/'-joined paths of the params tree
-      vocab.model                  the sentencepiece vocabulary
+      vocab.model                  the sentencepiece vocabulary, or
+      marian_vocab/                an imported Marian model's (config.json "vocab_kind": "marian", version 2;
+                                   see jaxformer/data/marian_vocab.py)
       translate.jax_export         optional: serialized `jax.export` of the search of the decode settings
                                    (greedy if beam_size is 1, else beam search with their beam size and
                                    alpha), for any batch size and a fixed source length S:
@@ -35,7 +37,7 @@ __all__ = ["export_model", "load", "load_export_config", "load_jax_export", "is_
 log = logging.getLogger(__name__)
 
 FORMAT = "jaxformer-export"
-VERSION = 1
+VERSION = 2  # 2: the vocabulary may be of another kind ("vocab_kind"); sentencepiece exports are still written as 1
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 VOCAB_FILE = "vocab.model"
@@ -84,19 +86,23 @@ def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer,
                           "pip install flatbuffers")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    vocab_kind, vocab_name = _vocabulary_kind(tokenizer)
+    version = 1 if vocab_kind == "sentencepiece" else VERSION  # older readers refuse a vocabulary they lack by it
     tree = params["params"] if "params" in params else params
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
-    save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
-    tokenizer.save(str(out / VOCAB_FILE))
+    save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
+    tokenizer.save(str(out / vocab_name))
 
     from jaxformer.config import decode_settings as checked_decode_settings
 
     decode_settings = checked_decode_settings(_plain(decode or {}))
     meta: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "model": config.to_dict(), "decode": decode_settings,
-        "files": {"params": PARAMS_FILE, "vocab": VOCAB_FILE},
+        "format": FORMAT, "version": version, "model": config.to_dict(), "decode": decode_settings,
+        "files": {"params": PARAMS_FILE, "vocab": vocab_name},
     }
+    if vocab_kind != "sentencepiece":
+        meta["vocab_kind"] = vocab_kind
     if data is not None:
         meta["data"] = _plain(data)
     if bleu_tokenize:
@@ -110,6 +116,14 @@ def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer,
     os.replace(tmp, out / CONFIG_FILE)
     log.info("exported %s (%d parameter arrays)", out, len(arrays))
     return out
+
+
+def _vocabulary_kind(tokenizer) -> tuple[str, str]:
+    """(kind, file or folder name) of a tokenizer: "sentencepiece" (vocab.model) or "marian" (marian_vocab/)."""
+    from jaxformer.data import vocabulary_filename
+
+    kind = getattr(tokenizer, "kind", "sentencepiece")
+    return kind, vocabulary_filename(kind)
 
 
 def has_jax_export_support() -> bool:
@@ -175,17 +189,17 @@ def load(path: str | os.PathLike):
     """(model, params, tokenizer) from an export directory; params is {"params": ...} of float arrays."""
     from safetensors.numpy import load_file
 
-    from jaxformer.data import Tokenizer
+    from jaxformer.data import load_vocabulary
 
     path = pathlib.Path(path)
     meta = load_export_config(path)
     files = meta.get("files", {})
     params_file, vocab_file = path / files.get("params", PARAMS_FILE), path / files.get("vocab", VOCAB_FILE)
     for f in (params_file, vocab_file):
-        if not f.is_file():
+        if not f.exists():
             raise ExportError(f"{f} is missing: the export directory {path} is incomplete")
     config = TransformerConfig.from_dict(meta["model"])
-    tokenizer = Tokenizer.load(str(vocab_file))
+    tokenizer = load_vocabulary(str(vocab_file), meta.get("vocab_kind", "sentencepiece"))
     if tokenizer.vocab_size != config.vocab_size:
         raise ExportError(f"{vocab_file} has {tokenizer.vocab_size} pieces but the model expects "
                           f"{config.vocab_size}")
