@@ -403,7 +403,7 @@ def load_run_model(workdir: str | os.PathLike, *, step: int | None = None, avera
 
     config = load_run_config(workdir)
     vocab = pathlib.Path(workdir) / VOCAB_FILE
-    if not vocab.is_file():
+    if not vocab.is_file() and not (pathlib.Path(workdir) / "marian_vocab").is_dir():  # fine-tuned Marian model
         raise CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
     tokenizer = get_tokenizer(config, str(workdir))
     default = average_last is None
