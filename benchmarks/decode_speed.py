@@ -1,6 +1,6 @@
 """Decoding speed: sentences/s of greedy and beam-4 search.
 
-    python benchmarks/decode_speed.py --random --compare   # random Multi30k-size model, beside the old search
+    python benchmarks/decode_speed.py --random --compare REV   # random Multi30k-size model, beside commit REV's search
     python benchmarks/decode_speed.py --model runs/multi30k          # a training workdir or an export dir
     python benchmarks/decode_speed.py --model runs/multi30k --limit 200 --batch-size 32
 
@@ -8,8 +8,10 @@
 vocab 8000) with random weights, --sentences random sources of --src-tokens tokens (+ EOS) in one batch,
 outputs capped at --max-len tokens (EOS included). A random model never chooses EOS, so every hypothesis
 runs to the cap: the search's worst case, and no early stopping. Only the compiled search is timed.
---compare also times `benchmarks/_baseline_decode.py` (the search before the speed work), interleaved
-with the current one (repeat by repeat), checks that both return the same tokens and prints the ratio.
+--compare REV also times the search of git commit REV (`at_commit.package_at`; e.g. 5ddbeec, the last
+commit before model.py was split), on the same devices, interleaved with the current one (repeat by repeat),
+checks that both return the same tokens and prints the ratio. Both get the same parameters: the model of
+that commit always had attention biases, so the current one is built with model.attention_bias=True.
 
 On a CPU, every core is a JAX device (`parallel.use_every_cpu_core()`, as `jaxformer translate` and
 `evaluate` do) and the current search splits the batch over them ("current"); "current_one_device" is the
@@ -40,14 +42,12 @@ def random_mode(args) -> list[dict]:
     import jax
     import numpy as np
 
-    import _baseline_decode
-    import _baseline_model
     from jaxformer import decode, parallel
     from jaxformer.data import EOS_ID
     from jaxformer.model import TransformerConfig, init_params
 
     cfg = TransformerConfig(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
-                            num_decoder_layers=3, max_len=128, dropout_rate=0.0)
+                            num_decoder_layers=3, max_len=128, dropout_rate=0.0, attention_bias=bool(args.compare))
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     src = np.zeros((args.sentences, args.src_tokens + 1), np.int32)
@@ -60,7 +60,12 @@ def random_mode(args) -> list[dict]:
         inputs["split"] = (parallel.replicate(params, mesh), jax.device_put(src, parallel.batch_sharded(mesh)))
         impls = {"current": (decode, cfg, "split"), "current_one_device": (decode, cfg, "one")}
     if args.compare:  # the old search over the old model module (same parameters)
-        impls["baseline"] = (_baseline_decode, _baseline_model.TransformerConfig(**cfg.to_dict()), "one")
+        from at_commit import package_at
+
+        old = package_at(args.compare)
+        known = {f.name for f in __import__("dataclasses").fields(old.model.TransformerConfig)}
+        old_cfg = old.model.TransformerConfig(**{k: v for k, v in cfg.to_dict().items() if k in known})
+        impls["baseline"] = (old.decode, old_cfg, "split" if "split" in inputs else "one")
     rows = []
     for name, beam in (("greedy", 1), ("beam4", 4)):
         runs = {}
@@ -102,9 +107,9 @@ def random_mode(args) -> list[dict]:
 
 def model_mode(args) -> list[dict]:
     from jaxformer.evaluate import read_lines
-    from jaxformer.translate import load_translator
+    import jaxformer
 
-    translator = load_translator(args.model, average_last=args.average_last)
+    translator = jaxformer.load(args.model, average_last=args.average_last)
     sentences = read_lines(args.source)[: args.limit]
     print(f"# {len(sentences)} sentences from {args.source}")
     rows = []
@@ -124,7 +129,8 @@ def model_mode(args) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random", action="store_true", help="a random-weight Multi30k-size model (see above)")
-    parser.add_argument("--compare", action="store_true", help="--random: also time the search before the speed work")
+    parser.add_argument("--compare", default=None, metavar="REV",
+                        help="--random: also time the search of git commit REV (e.g. 5ddbeec)")
     parser.add_argument("--sentences", type=int, default=64, help="--random: batch of random sources")
     parser.add_argument("--src-tokens", type=int, default=20, help="--random: source tokens (+ EOS)")
     parser.add_argument("--max-len", type=int, default=40, help="--random: output cap, EOS included")

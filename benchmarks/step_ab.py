@@ -3,19 +3,22 @@
     python benchmarks/step_ab.py                                   # both earlier versions, small and base
     python benchmarks/step_ab.py --baselines textbook-head --shapes multi30k   # real Multi30k batches
     python benchmarks/step_ab.py --baselines bernoulli-dropout --shapes small --repeats 11
+    python benchmarks/step_ab.py --baselines commit:5ddbeec --shapes small multi30k   # the step of a commit
 
 Baselines (everything else, model, optimizer, batch, is the same):
 - "textbook-head": the pre-softmax projection as one einsum and the label-smoothed loss as log_softmax +
   take_along_axis + sums, accuracy by argmax, all differentiated by JAX (jaxformer's head before
-  `jaxformer/loss.py`'s `token_statistics` and `model.output_logits`' hand-written backward pass).
+  `jaxformer/loss.py`'s `token_statistics` and `ops.output_logits`' hand-written backward pass).
 - "bernoulli-dropout": dropout masks from `jax.random.bernoulli`, one 32-bit threefry word per decision
-  (flax's `nn.Dropout`, jaxformer's dropout before `model.dropout_keep_mask`'s two decisions per word).
+  (flax's `nn.Dropout`, jaxformer's dropout before `ops.dropout_keep_mask`'s two decisions per word).
 - "no-dropout": not an earlier version but a reference: dropout is the identity, so 1 − `speedup` is about
   the share of the step that dropout costs.
 - "one-device": the same step on one CPU device, as train.py ran before it made every core a device
   (`parallel.use_every_cpu_core()`) and split each batch over them.
 - "replicated-optimizer": Adam's moments on every device, each device running the whole update, as before
   `train.shard_optimizer_state` split them over the devices.
+- "commit:REV": the whole step of git commit REV (`at_commit.package_at`), same parameters and batches; the
+  current model is built with model.attention_bias=True, which commits before the option always had.
 "jaxformer": the step as it is, data parallel over every CPU core, with the optimizer state placed as
 `train.shard_optimizer_state` of the shape's config says. Both run the same batches in turn after
 warm-up, so they see the same machine load; `speedup` is the median of the per-pair ratios baseline_s /
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -125,15 +129,34 @@ BASELINES = {"textbook-head": textbook_head,
              "replicated-optimizer": contextlib.nullcontext}
 
 
+def _commit_steps(rev: str, cfg: TransformerConfig, train_cfg, mesh):
+    """The Steps of commit `rev` for the same model."""
+    import dataclasses
+
+    from at_commit import package_at
+
+    old = package_at(rev)
+    known = {f.name for f in dataclasses.fields(old.model.TransformerConfig)}
+    old_cfg = old.model.TransformerConfig(**{k: v for k, v in cfg.to_dict().items() if k in known})
+    return old.steps.Steps.from_config(old.model.Transformer(old_cfg), train_cfg, mesh)
+
+
 def measure(shape: str, baseline: str, repeats: int, data: str, tmp: str) -> list[dict]:
     cfg, host, train_cfg = step_inputs(shape, data, tmp)
+    commit = baseline.partition("commit:")[2]
+    if commit:
+        cfg = dataclasses.replace(cfg, attention_bias=True)
     runs = {}
     for name in (baseline, "jaxformer"):
         mesh = parallel.make_mesh(jax.devices()[:1] if name == "one-device" else None)
         batches = [parallel.shard_batch(b, mesh) for b in host]
-        with BASELINES[baseline]() if name == baseline else contextlib.nullcontext():
-            steps = steps_lib.Steps.from_config(Transformer(cfg), train_cfg, mesh, shard_optimizer_state=False
-                                                if name == "replicated-optimizer" else None)
+        patch = BASELINES.get(baseline, contextlib.nullcontext) if name == baseline else contextlib.nullcontext
+        with patch():  # a patch matters while jit traces: through the warm-up steps
+            if name == baseline and commit:
+                steps = _commit_steps(commit, cfg, train_cfg, mesh)
+            else:
+                steps = steps_lib.Steps.from_config(Transformer(cfg), train_cfg, mesh, shard_optimizer_state=False
+                                                    if name == "replicated-optimizer" else None)
             state = steps.init_state(seed=0)
             for batch in batches[:2]:  # compile and warm up
                 state, metrics = steps.train(state, batch)
@@ -159,7 +182,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["small", "base"], choices=sorted(SHAPES) + ["multi30k"])
     parser.add_argument("--baselines", nargs="+", default=["textbook-head", "bernoulli-dropout"],
-                        choices=sorted(BASELINES))
+                        help=f"any of {', '.join(sorted(BASELINES))}, or commit:REV")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "multi30k"))
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Checkpoints of a run (orbax), the run directory's layout, checkpoint averaging, and the one-call loader.
+"""Checkpoints of a run (orbax), the run directory's layout and config, and checkpoint averaging.
 
 A run directory ("workdir") holds:
 
@@ -21,7 +21,7 @@ every item is written, so a run killed mid-save leaves a tmp folder that is neve
 `CheckpointStore` reports and removes such folders when a run resumes. A checkpoint that is listed but
 does not restore (missing or damaged files) is reported, moved aside, and the previous one is used.
 
-Averaging the last K checkpoints (Section 6.1: 5 for base, 20 for big) is `load_params(average_last=K)`;
+Averaging the last K checkpoints (Section 6.1: 5 for base, 20 for big) is `load_averaged(average_last=K)`;
 from the shell: `python -m jaxformer.checkpoint average --workdir W --last K --out DIR`.
 """
 
@@ -98,7 +98,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
     Keys the saved file lacks (added to the library since) keep their defaults, so old runs stay loadable.
     """
-    from jaxformer.config import default_config
+    from jaxformer.config import default_config, saved_model_values
 
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.is_file():
@@ -110,6 +110,8 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise CheckpointError(f"{path} is unreadable: {e}") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} should hold a JSON object, found {type(saved).__name__}")
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = saved_model_values(saved["model"])
     config = default_config()
     _merge(config, saved, "")
     return config
@@ -330,18 +332,11 @@ def average_checkpoints(params_list: Iterable[Any]) -> Any:
     return mean.result()
 
 
-def load_params(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1) -> Any:
-    """The run's parameters ({"params": ...}, float32) at `step` (default: the newest that restores).
-
-    `average_last=K` averages the K newest readable checkpoints up to `step`, as the paper does for its
-    final models. Unreadable checkpoints are logged and skipped.
-    """
-    return load_averaged(workdir, step=step, average_last=average_last)[0]
-
-
 def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1,
                   allow_fewer: bool = False) -> tuple[Any, list[int]]:
-    """`load_params`, and the checkpoint steps it averaged (ascending).
+    """The run's parameters ({"params": ...}, float32) at `step` (default: the newest that restores),
+    averaged over the `average_last` newest readable checkpoints up to it (Section 6.1), and the steps
+    averaged (ascending). Unreadable checkpoints are logged and skipped.
 
     With `allow_fewer`, a run that kept fewer readable checkpoints than `average_last` averages those it
     has (with a warning) instead of failing: what a default should do; an explicit request fails.
@@ -385,50 +380,6 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
     return mean.result(), used
 
 
-def load_model(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1):
-    """(model, params, tokenizer) of a trained run: its config, vocabulary and (averaged) parameters."""
-    return load_run_model(workdir, step=step, average_last=average_last)[:3]
-
-
-def load_run_model(workdir: str | os.PathLike, *, step: int | None = None, average_last: int | None = None):
-    """(model, params, tokenizer, averaged checkpoint steps) of a trained run.
-
-    `average_last=None` is the run's own default: the average of its last `train.average_last` checkpoints
-    (from its config.json; fewer if fewer were kept), or with `step` that step's checkpoint alone. An
-    explicit `average_last` must be met. This is what `jaxformer translate/evaluate/export` load: the
-    paper reports averaged models.
-    """
-    from jaxformer.data import get_tokenizer
-    from jaxformer.model import Transformer, TransformerConfig
-
-    config = load_run_config(workdir)
-    vocab = pathlib.Path(workdir) / VOCAB_FILE
-    if not vocab.is_file() and not (pathlib.Path(workdir) / "marian_vocab").is_dir():  # fine-tuned Marian model
-        raise CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
-    tokenizer = get_tokenizer(config, str(workdir))
-    default = average_last is None
-    if default:
-        average_last = 1 if step is not None else max(1, int(config.train.average_last))
-    params, steps = load_averaged(workdir, step=step, average_last=average_last, allow_fewer=default)
-    if default and average_last > 1:
-        log.info("%s: averaged checkpoint steps %s (the run's train.average_last=%d; --average-last overrides)",
-                 workdir, steps, average_last)
-    embedding_rows = _vocab_rows(params)
-    if embedding_rows is not None and embedding_rows != tokenizer.vocab_size:
-        raise CheckpointError(f"{vocab} has {tokenizer.vocab_size} pieces but the checkpoint's embedding has "
-                              f"{embedding_rows} rows: the vocabulary does not belong to this run")
-    model = Transformer(TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size))
-    return model, params, tokenizer, steps
-
-
-def _vocab_rows(params: Any) -> int | None:
-    inner = params.get("params", {}) if isinstance(params, dict) else {}
-    for name in ("shared_embedding", "target_embedding"):
-        if name in inner and "embedding" in inner[name]:
-            return int(inner[name]["embedding"].shape[0])
-    return None
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -461,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(map(str, store.steps)) or "no checkpoints")
             store.close()
         else:
-            params = load_params(args.workdir, step=args.step, average_last=args.last)
+            params, _ = load_averaged(args.workdir, step=args.step, average_last=args.last)
             print(f"wrote {_save_params(params, args.out)}")
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

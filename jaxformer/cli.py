@@ -1,15 +1,17 @@
 """The `jaxformer` command: translate, evaluate, export, plot-attention, average.
 
     jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
-    jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--data.KEY=VALUE ...] --out DIR
+    jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
-    jaxformer export --workdir RUN [--average-last K] --out DIR [--jax-export]
+                       [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
+    jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
                              [--layers -1] [--heads 0,1] --out attention.png
     jaxformer average --workdir RUN --last K --out DIR       (orbax params; see jaxformer.checkpoint)
 
-`--model` takes an export directory or a training workdir (detected by its contents). A workdir gives
-the average of its last `train.average_last` checkpoints unless --average-last or --step says otherwise.
+`--model` takes an export directory or a training workdir (detected by its contents, through
+`jaxformer.load`). A workdir gives the average of its last `train.average_last` checkpoints unless
+--average-last or --step says otherwise.
 """
 
 from __future__ import annotations
@@ -32,12 +34,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, workdir_only: bool = False) -> None:
-    if workdir_only:
-        p.add_argument("--workdir", required=True, help="the training run directory (has checkpoints/)")
-    else:
-        p.add_argument("--model", "--workdir", dest="model", required=True,
-                       help="an export directory (config.json + params.safetensors) or a training workdir")
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--workdir", dest="model", required=True,
+                   help="an export directory (config.json + params.safetensors) or a training workdir")
     p.add_argument("--average-last", type=int, default=None, metavar="K",
                    help="average the parameters of the K newest checkpoints (workdir only; default: the run's "
                         "train.average_last, fewer if fewer were kept; paper: 5 base, 20 big)")
@@ -59,13 +58,15 @@ def _decode_overrides(args) -> dict:
 
 
 def parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:
-    """`--data.key=value` / `--data.key value` -> {key: value}, typed like the default config's value."""
+    """`--config.data.key=value` / `--config.data.key value` (as train.py spells them; `--data.key` is an
+    alias) -> {key: value}, typed like the default config's value."""
     out, i = {}, 0
-    prefix = f"--{section}."
+    prefixes = (f"--config.{section}.", f"--{section}.")
     while i < len(extra):
         arg = extra[i]
-        if not arg.startswith(prefix):
-            raise SystemExit(f"error: unrecognized argument {arg!r} (overrides look like {prefix}KEY=VALUE)")
+        prefix = next((p for p in prefixes if arg.startswith(p)), None)
+        if prefix is None:
+            raise SystemExit(f"error: unrecognized argument {arg!r} (overrides look like {prefixes[0]}KEY=VALUE)")
         key, eq, value = arg[len(prefix):].partition("=")
         if not eq:
             if i + 1 >= len(extra):
@@ -117,9 +118,9 @@ def _chunks(lines, size: int):
 def _cmd_translate(args) -> int:
     import contextlib
 
-    from jaxformer.translate import load_translator
+    from jaxformer.io import load
 
-    translator = load_translator(args.model, step=args.step, average_last=args.average_last)
+    translator = load(args.model, step=args.step, average_last=args.average_last)
     overrides = _decode_overrides(args)
     chunk_size = 32 * int(args.batch_size or translator.decode["batch_size"])  # sorted by length within a chunk
     count = 0
@@ -144,32 +145,33 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     data_overrides = parse_overrides(extra, "data", default_config().data.to_dict())
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, data_overrides=data_overrides,
-                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize)
+                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
+                            tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split)
     print(result.lines(), end="")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from jaxformer import checkpoint
-    from jaxformer.export import export_model
+    from jaxformer import io
 
-    model, params, tokenizer, steps = checkpoint.load_run_model(args.workdir, step=args.step,
-                                                                average_last=args.average_last)
-    config = checkpoint.load_run_config(args.workdir)
-    out = export_model(args.out, model, params, tokenizer, decode=config.decode, data=config.data,
-                       bleu_tokenize=config.train.get("bleu_tokenize"),
-                       jax_export=args.jax_export, jax_export_src_len=args.jax_export_src_len,
+    translator = io.load(args.model, step=args.step, average_last=args.average_last)
+    options = {}
+    if args.jax_export:
+        options = dict(jax_export=True, jax_export_src_len=args.jax_export_src_len,
                        jax_export_platforms=args.jax_export_platforms)
-    print(f"exported {out} (parameters of checkpoint step{'s' if len(steps) > 1 else ''} "
-          f"{', '.join(map(str, steps))}{', averaged' if len(steps) > 1 else ''})")
+    out = io.export(translator, args.out, format=args.format, **options)
+    steps = translator.checkpoint_steps
+    origin = (f"parameters of checkpoint step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
+              f"{', averaged' if len(steps) > 1 else ''}") if steps else f"from {translator.source}"
+    print(f"exported {out} ({args.format}; {origin})")
     return 0
 
 
 def _cmd_plot(args) -> int:
+    from jaxformer.io import load
     from jaxformer.plotting import attention_maps, plot_attention
-    from jaxformer.translate import load_translator
 
-    translator = load_translator(args.model, step=args.step, average_last=args.average_last)
+    translator = load(args.model, step=args.step, average_last=args.average_last)
     maps = attention_maps(translator.model, translator.params, translator.tokenizer, args.sentence,
                           translation=args.translation, beam_size=args.beam_size or translator.decode["beam_size"],
                           alpha=translator.decode["length_penalty"])
@@ -202,20 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(p)
 
     p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU",
-                       epilog="Data overrides: --data.KEY=VALUE for any data.* config key, e.g. "
-                              "--data.source=files --data.test_files=../shared/data/multi30k/test2016")
+                       epilog="Data overrides: --config.data.KEY=VALUE (or --data.KEY=VALUE) for any data.* config "
+                              "key, e.g. --config.data.source=files "
+                              "--config.data.test_files=../shared/data/multi30k/test2016")
     _add_model_args(p)
     p.add_argument("--split", default="test", help="which split of the run's data (train/valid/test)")
     p.add_argument("--src", default=None, help="a source file (one sentence per line) instead of the run's split")
     p.add_argument("--ref", default=None, help="the reference file aligned with --src")
-    p.add_argument("--out", required=True, help="directory for the hypotheses, bleu.json and bleu.txt")
+    p.add_argument("--out", default=None, help="directory for the hypotheses, bleu.json and bleu.txt "
+                                               "(default: MODEL/evaluation/SPLIT or MODEL/evaluation/SRC-NAME)")
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     p.add_argument("--tokenize", default=None, help="sacreBLEU tokenizer, e.g. 13a, intl, char (default: the run's train.bleu_tokenize, else 13a)")
+    p.add_argument("--tokenized", action="store_true", help="the model writes tokenized text (trained on "
+                   "tokenized files): also score tokenized BLEU, output and references as they are (multi-bleu)")
+    p.add_argument("--tok-refs", default=None, metavar="FILE", help="lowercased Moses-tokenized references of the "
+                   "test set: also score the raw output lowercased, normalised and Moses-tokenized against them")
+    p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "
+                   "Moses-tokenized, hyphens split as tensor2tensor's get_ende_bleu.sh")
     _add_decode_args(p)
 
-    p = sub.add_parser("export", help="write a self-contained model directory (safetensors + config + vocab)")
-    _add_model_args(p, workdir_only=True)
+    p = sub.add_parser("export", help="write the model in another format: jaxformer's own (safetensors + config "
+                                      "+ vocab)")
+    _add_model_args(p)
     p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--format", default="jaxformer", help="the format to write (default jaxformer)")
     p.add_argument("--jax-export", action="store_true",
                    help="also serialize the search (greedy or beam, per the decode settings) with jax.export")
     p.add_argument("--jax-export-src-len", type=int, default=64, metavar="S",

@@ -30,11 +30,16 @@ def default_config() -> ml_collections.ConfigDict:
     m.attention_dropout_rate = 0.0  # not in the paper; an option
     m.relu_dropout_rate = 0.0       # not in the paper; an option
     m.positional = "sinusoidal"     # or "learned" (Table 3 row E)
+    m.sinusoid_layout = "interleaved"  # sin at even, cos at odd features (Section 3.5); "halves": sin | cos (Marian)
     m.max_len = 512                 # longest sequence the positions (and decode cache) cover
     m.share_embeddings = True       # one matrix for source and target embeddings
     m.tie_output = True             # ... and for the pre-softmax projection
     m.scale_embeddings = True       # multiply embeddings by sqrt(d_model)
     m.norm = "post"                 # "post" (paper) or "pre"
+    m.layer_norm_epsilon = 1e-6     # Marian: 1e-5
+    m.activation = "relu"           # the FFN's: "relu" (paper), "swish" (opus-mt), "gelu"
+    m.attention_bias = False        # biases on the q/k/v/output projections (not in the paper; Marian has them)
+    m.logits_bias = False           # a bias on the output logits (Marian's final_logits_bias)
     m.dtype = "float32"             # compute dtype: "float32" or "bfloat16"; parameters stay float32
     m.attention_impl = "auto"       # "auto": cuDNN flash attention on a CUDA GPU in bf16/fp16 when head size and masks allow, else XLA (logged); "xla", "cudnn", "einsum"
 
@@ -116,6 +121,55 @@ def default_config() -> ml_collections.ConfigDict:
     dc.max_extra_len = 50           # output at most input length + this
     dc.batch_size = 64
     return c
+
+
+# Model options added after models were saved without them: a saved config that lacks the key was trained
+# with this value (before `attention_bias` existed, the attention projections always had biases).
+LEGACY_MODEL_VALUES = {"attention_bias": True}
+
+
+def saved_model_values(saved: Mapping) -> dict:
+    """A saved model section (run config.json or export) with the values of keys it predates filled in."""
+    values = dict(saved)
+    for key, value in LEGACY_MODEL_VALUES.items():
+        values.setdefault(key, value)
+    return values
+
+
+def check_train_config(train_cfg) -> None:
+    """Reject bad `train.*` values up front, naming the key."""
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ValueError(f"train.{key}={train_cfg[key]!r}: {what}")
+
+    t = train_cfg
+    need(t.steps >= 1, "steps", "must be >= 1")
+    need(t.warmup_steps >= 1, "warmup_steps", "must be >= 1 (the schedule divides by it)")
+    need(t.lr_scale > 0, "lr_scale", "must be > 0")
+    need(0 <= t.adam_b1 < 1, "adam_b1", "must be in [0, 1)")
+    need(0 <= t.adam_b2 < 1, "adam_b2", "must be in [0, 1)")
+    need(t.adam_eps > 0, "adam_eps", "must be > 0")
+    need(t.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(t.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0: no clipping)")
+    need(t.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(t.log_every >= 1, "log_every", "must be >= 1")
+    need(t.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    need(t.eval_bleu_sentences >= 0, "eval_bleu_sentences", "must be >= 0 (0: no BLEU)")
+    need(t.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: not by steps)")
+    need(t.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", "must be >= 0 (0: not by time)")
+    need(t.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(t.average_last >= 1, "average_last", "must be >= 1 (1: no averaging)")
+    need(t.average_last <= t.keep_checkpoints, "average_last",
+         f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
+    need(t.distributed in ("auto", "on", "off"), "distributed", "must be 'auto', 'on' or 'off'")
+    need(t.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0 (seconds)")
+    need(t.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0 (seconds)")
+    need(bool(str(t.workdir)), "workdir", "must name a directory")
+    from sacrebleu.metrics import BLEU
+
+    need(t.bleu_tokenize in BLEU.TOKENIZERS, "bleu_tokenize",
+         f"must be one of sacreBLEU's tokenizers: {', '.join(BLEU.TOKENIZERS)}")
 
 
 def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:

@@ -17,8 +17,6 @@ Conventions shared by everything here:
     as in fairseq: the last position can only be EOS, and its log-probability
     counts in the score, so an unfinished (say, looping) hypothesis pays for the
     EOS it never chose and does not compete for free with finished ones.
-    `eos_at_limit=False` restores the old rule (the hypothesis is cut at its
-    limit without EOS and scored without it).
     L = min(S + max_extra_len, max_len, model max_len) is the static buffer length.
   * PAD and BOS are never generated: their logits are masked before the
     softmax, so log-probabilities are renormalised over the other tokens (and
@@ -35,11 +33,7 @@ its log-prob over the most favourable length penalty left (at the length limit
 when alpha >= 0), the bound of the Flax WMT / tensor2tensor beam search. Finished
 hypotheses are padded with PAD after their EOS.
 
-Beam search's caches: the cross-attention keys/values stay one per sentence, read by all its beams in one
-product; the self-attention cache has K slots per position that are written once and never moved, and a
-small [B, K, L] index of slots (each beam's ancestry) is all that follows the beams when they are reordered
-(`jaxformer.model.beam_search_cache`). Copying the whole cache by beam origin every step cost more than
-the step's attention; `benchmarks/decode_speed.py --random --compare` times it beside the old search.
+The caches, and how the beams of a sentence share them, are `jaxformer.decode_cache`'s.
 
 Compiled functions are cached per (model config, search settings); `jit` then
 caches per input shape, so callers should pad batches to a few bucket shapes
@@ -55,12 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.model import Transformer, TransformerConfig, beam_search_cache, init_cache
+from jaxformer.decode_cache import beam_search_cache, reorder_beams
+from jaxformer.model import Transformer, TransformerConfig
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = ["length_penalty", "greedy_search", "beam_search", "score_sequences", "output_limits",
-           "decode_buffer_len", "NEG_INF"]
+           "decode_buffer_len", "init_cache", "NEG_INF"]
 
 NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
 
@@ -123,20 +118,26 @@ def _log_probs(logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(_masked_logits(logits), axis=-1)
 
 
-def _decode_step(model: Transformer, variables, cache, encoded, src_mask, tokens, beams: int = 1,
-                 normalize: bool = True):
-    """One cached decoder step: tokens [N] -> (log-probs [N, V], new cache). With `beams` > 1 (later steps),
-    N = B * beams while src_mask and the cross-attention cache keep one row per sentence. normalize=False
-    returns the masked logits instead (same argmax, no softmax: all greedy search needs)."""
+def init_cache(config: TransformerConfig, batch_size: int, src_len: int, max_decode_len: int):
+    """An empty decode cache for `batch_size` rows, `src_len` source positions, `max_decode_len` steps."""
+    if max_decode_len > config.max_len:
+        raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={config.max_len}")
+    encoded = jnp.zeros((batch_size, src_len, config.d_model), config.compute_dtype)
+    src_mask = jnp.ones((batch_size, src_len), bool)
+    tgt = jnp.zeros((batch_size, max_decode_len), jnp.int32)
+    variables = jax.eval_shape(lambda: Transformer(config).init(
+        jax.random.key(0), encoded, src_mask, tgt, decode=True, method=Transformer.decode))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+
+
+def _decode_step(model: Transformer, variables, cache, encoded, src_mask, tokens, normalize: bool = True):
+    """One cached decoder step: tokens [N] -> (log-probs [N, V], new cache). In beam search N = B * K while
+    src_mask stays [B, S]. normalize=False returns the masked logits instead (same argmax, no softmax: all
+    greedy search needs)."""
     logits, mutated = model.apply({**variables, "cache": cache}, encoded, src_mask, tokens[:, None],
-                                  decode=True, beams=beams, method=Transformer.decode, mutable=["cache"])
+                                  decode=True, method=Transformer.decode, mutable=["cache"])
     scores = _log_probs(logits[:, 0]) if normalize else _masked_logits(logits[:, 0])
     return scores, mutated["cache"]
-
-
-def _is_cross_attention_leaf(path) -> bool:
-    names = [getattr(k, "key", str(k)) for k in path]
-    return bool(names) and names[-1] in ("cross_key", "cross_value")
 
 
 def _encode(model, variables, src):
@@ -153,7 +154,7 @@ def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
     return jnp.where(at_limit[..., None] & ~only_eos, NEG_INF, log_probs)
 
 
-def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, *, eos_at_limit: bool = True):
+def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -162,8 +163,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
     logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                  jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
-    if eos_at_limit:
-        logits = _force_eos(logits, limits <= 1)
+    logits = _force_eos(logits, limits <= 1)
     first = _first_argmax(logits)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
@@ -176,8 +176,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         i, tokens, cache, done = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
-        if eos_at_limit:
-            logits = _force_eos(logits, i + 1 >= limits)
+        logits = _force_eos(logits, i + 1 >= limits)
         token = jnp.where(done, PAD_ID, _first_argmax(logits))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         done = done | (token == EOS_ID) | (i + 1 >= limits)
@@ -188,22 +187,20 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int, eos_at_limit: bool):
-    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len,
-                                     eos_at_limit=eos_at_limit))
+def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int):
+    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len))
 
 
-def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
-                  eos_at_limit: bool = True) -> jax.Array:
+def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50) -> jax.Array:
     """Greedy decoding of src [B,S] -> tokens int32 [B,L] (no BOS; EOS, then PAD).
 
     `max_len` caps the output length (EOS included) below the model's own max_len. At a row's limit EOS is
-    forced (`eos_at_limit=False`: the row is cut there without EOS).
+    forced.
     """
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len), bool(eos_at_limit))(_variables(params), src)
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -213,22 +210,7 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _reorder_cache(cache, origin: jax.Array):
-    """Give each new live beam the history of the beam it extends (origin [B,K]).
-
-    Only the small `beam_slots` [B, K, L] indices move: they say which slot of the self-attention cache holds
-    each earlier position of a beam, and slots are never rewritten (see `beam_search_cache`), so the keys and
-    values stay where they are. Cross-attention keys/values are stored once per sentence and shared by its
-    beams; scalars (step counters) are shared too.
-    """
-    def gather(path, x):
-        names = [getattr(key, "key", str(key)) for key in path]
-        return _gather_beams(x, origin) if names and names[-1] == "beam_slots" else x
-    return jax.tree_util.tree_map_with_path(gather, cache)
-
-
-def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha, *,
-          eos_at_limit: bool = True):
+def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha):
     cfg = model.config
     batch, src_len = src.shape
     k, length_cap = beam_size, buffer_len
@@ -236,9 +218,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     alpha = jnp.asarray(alpha, jnp.float32)
 
     # The first step runs on B rows: every beam starts from the same BOS, so the cross-attention keys/values
-    # (and the BOS self-attention entry) are computed once per sentence. The self-attention caches then get
-    # K slots per sentence (`beam_search_cache`); the cross-attention ones stay [B, ...], and every later step
-    # reads them for all K beams of a sentence at once (`beams=k`), as it does src_mask [B,S].
+    # (and the BOS self-attention entry) are computed once per sentence; then K beams per sentence.
     src_mask, encoded = _encode(model, variables, src)
     cache = init_cache(cfg, batch, src_len, buffer_len)
     first_log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
@@ -250,8 +230,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
-        if eos_at_limit:  # the last position can only be EOS, at the cost of its log-prob (fairseq)
-            log_probs = _force_eos(log_probs, at_limit)
+        log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
         candidates = (live_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
         top_scores, top_index = jax.lax.top_k(candidates, 2 * k)  # [B,2K]
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -260,8 +239,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         valid = top_scores > NEG_INF / 2  # not an extension of a dead beam or a masked token
         is_eos = token == EOS_ID
         # A hypothesis is finished by EOS among the top K candidates (so K=1 follows the greedy path), or by
-        # reaching the row's length limit (then the best candidate is finished: with eos_at_limit every
-        # candidate there ends in EOS, else it is cut without one).
+        # reaching the row's length limit (then every candidate ends in EOS and the best is finished).
         in_top_k = jnp.arange(2 * k)[None, :] < k
         finishing = valid & ((is_eos & in_top_k) | at_limit)
         new_fin = jnp.where(finishing, top_scores / length_penalty(length, alpha), NEG_INF)
@@ -291,7 +269,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     log_probs = jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab))
     live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
         jnp.int32(0), log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done)
-    cache = _reorder_cache(cache, origin)
+    cache = reorder_beams(cache, origin)
 
     def cond(state):
         i, *_, done, _ = state
@@ -300,11 +278,10 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     def body(state):
         i, live_seqs, live_scores, fin_seqs, fin_scores, done, cache = state
         previous = jax.lax.dynamic_index_in_dim(live_seqs, i - 1, axis=2, keepdims=False)  # [B,K]
-        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k),
-                                        beams=k)
+        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k))
         live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
             i, log_probs.reshape(batch, k, vocab), live_seqs, live_scores, fin_seqs, fin_scores, done)
-        cache = _reorder_cache(cache, origin)
+        cache = reorder_beams(cache, origin)
         return i + 1, live_seqs, live_scores, fin_seqs, fin_scores, done, cache
 
     state = (jnp.int32(1), live_seqs, live_scores, fin_seqs, fin_scores, done, cache)
@@ -313,28 +290,26 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
-                   eos_at_limit: bool):
-    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
-                                     eos_at_limit=eos_at_limit))
+def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int):
+    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len))
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
-                max_len: int | None = None, eos_at_limit: bool = True) -> tuple[jax.Array, jax.Array]:
+                max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Beam search of src [B,S] -> (tokens int32 [B,L], scores float32 [B]): each row's best hypothesis.
 
     The score is the length-penalised log-prob (see module doc). With beam_size=1 and alpha=0 this is
     exactly greedy search; with alpha > 0 a single beam keeps searching after greedy's EOS and returns a
     longer hypothesis only if it scores higher. The loop stops once no live beam of any row can still
     beat that row's best finished hypothesis. At a row's length limit EOS is forced and its log-prob
-    counted (fairseq); `eos_at_limit=False` is the old rule (cut there, scored without EOS).
+    counted (fairseq).
     """
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), bool(eos_at_limit))
+    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len))
     return fn(_variables(params), src, jnp.float32(alpha))
 
 

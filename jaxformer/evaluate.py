@@ -1,14 +1,13 @@
-"""BLEU the way papers report it: detokenized hypotheses scored by sacreBLEU against raw references.
+"""Translate a test set and score it as the papers do (the metrics themselves are in `jaxformer.bleu`).
 
-`corpus_bleu` wraps sacreBLEU and returns the score with its signature (e.g.
-`nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0`), which says how the
-number was computed and belongs next to it. `bleu_scores` gives that cased score and,
-beside it, the lowercased one (`case:lc`) that much of the literature reports (e.g.
-Multi30k papers); both go into bleu.json. `evaluate_texts` translates and scores;
-`run_evaluation` is the `jaxformer evaluate` command: a run's averaged checkpoints (its
-`train.average_last` by default), one checkpoint, or an export directory; a test split
-of the run's data (hub or local files, read by `jaxformer.data.load_split`) or explicit
---src/--ref files; an output directory for the hypotheses and the scores.
+Every score comes with its signature (e.g. `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0`),
+which says how the number was computed and belongs next to it: the cased detokenized sacreBLEU headline and
+the lowercased one always, and on request tokenized BLEU of tokenized output, Moses-tokenized lowercased
+BLEU of raw output against tokenized references, and the compound-split BLEU of the Transformer paper; all
+go into bleu.json. `evaluate_texts` translates and scores; `run_evaluation` is the `jaxformer evaluate`
+command: a run's averaged checkpoints (its `train.average_last` by default), one checkpoint, or an export
+directory; a test split of the run's data (hub or local files, read by `jaxformer.data.load_split`) or
+explicit --src/--ref files; an output directory for the hypotheses and the scores.
 
 Every line of the test set is scored, as sacreBLEU and the papers do: unlike training,
 which skips pairs with an empty side or a U+FFFD (undecodable bytes), evaluation keeps
@@ -17,7 +16,6 @@ them; an empty source gets an empty translation, and the counts are logged and s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,72 +23,20 @@ import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
+from jaxformer.bleu import BleuResult, bleu_scores, compound_split_bleu, corpus_bleu, moses_lc_bleu, tokenized_bleu
+
 __all__ = ["corpus_bleu", "bleu_scores", "BleuResult", "evaluate_texts", "run_evaluation", "read_lines",
-           "read_test_lines"]
+           "read_test_lines"]  # (the first three live in jaxformer.bleu; kept here for existing callers)
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class BleuResult:
-    score: float            # corpus BLEU, 0..100
-    signature: str          # sacreBLEU's signature of how it was computed
-    text: str               # sacreBLEU's one-line summary ("BLEU = 27.31 59.1/33.0/... (BP = ...)")
-    num_sentences: int
-    hypotheses: list[str] = dataclasses.field(default_factory=list, repr=False)
-    lowercased: "BleuResult | None" = None  # the same corpus scored case-insensitively (`bleu_scores`)
-
-    def to_json(self) -> dict:
-        out = {"bleu": self.score, "signature": self.signature, "summary": self.text,
-               "num_sentences": self.num_sentences}
-        if self.lowercased is not None:
-            out.update(bleu_lowercase=self.lowercased.score, signature_lowercase=self.lowercased.signature,
-                       summary_lowercase=self.lowercased.text)
-        return out
-
-    def lines(self) -> str:
-        """What `jaxformer evaluate` prints and bleu.txt holds: each score's summary, then its signature."""
-        results = [self] + ([self.lowercased] if self.lowercased is not None else [])
-        return "".join(f"{r.text}\n{r.signature}\n" for r in results)
-
-
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], *, tokenize: str | None = None,
-                lowercase: bool = False) -> BleuResult:
-    """sacreBLEU corpus BLEU of detokenized `hypotheses` against one raw reference each."""
-    from sacrebleu.metrics import BLEU
-
-    hypotheses, references = list(hypotheses), list(references)
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; they must pair up line "
-                         "by line")
-    kwargs = {"lowercase": lowercase}
-    if tokenize is not None:
-        kwargs["tokenize"] = tokenize
-    metric = BLEU(**kwargs)
-    result = metric.corpus_score(hypotheses, [references])
-    return BleuResult(float(result.score), str(metric.get_signature()), str(result), len(hypotheses), hypotheses)
-
-
-def bleu_scores(hypotheses: Sequence[str], references: Sequence[str], *, tokenize: str | None = None) -> BleuResult:
-    """Cased sacreBLEU (the headline number), with `.lowercased` the same with lowercase=True.
-
-    Both use one tokenizer (`tokenize`, default 13a), so the lowercased score differs only in case and is
-    comparable with papers reporting lowercased BLEU (their tokenization may still differ: see its signature).
-    """
-    result = corpus_bleu(hypotheses, references, tokenize=tokenize)
-    result.lowercased = corpus_bleu(hypotheses, references, tokenize=tokenize, lowercase=True)
-    return result
-
-
 def evaluate_texts(translator, sources: Sequence[str], references: Sequence[str], *, tokenize: str | None = None,
                    **decode_overrides) -> BleuResult:
-    """Translate `sources` with a Translator (or (model, params, tokenizer) triple, or path) and score them
-    (cased, with the lowercased score beside it)."""
-    from jaxformer.translate import _as_translator
-
+    """Translate `sources` with a `Translator` and score them (cased, with the lowercased score beside it)."""
     if len(sources) != len(references):
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
-    hypotheses = _as_translator(translator).translate(list(sources), **decode_overrides)
+    hypotheses = translator.translate(list(sources), **decode_overrides)
     return bleu_scores(hypotheses, references, tokenize=tokenize)
 
 
@@ -121,39 +67,38 @@ def count_bad_lines(sources: Sequence[str], references: Sequence[str]) -> dict[s
     return {"empty": empty, "bad_utf8": bad}
 
 
-def _run_config(model_path: pathlib.Path):
-    """The config to find the test set and BLEU tokenizer with: the run's (workdir), or what an export kept."""
-    from jaxformer import export
-    from jaxformer.config import default_config
-
-    if not export.is_export_dir(model_path):
-        from jaxformer import checkpoint
-        return checkpoint.load_run_config(model_path)
-    config = default_config()
-    meta = export.load_export_config(model_path)
-    for key, value in (meta.get("data") or {}).items():
-        if key in config.data:
-            config.data[key] = tuple(value) if isinstance(config.data[key], tuple) else value
-    if meta.get("bleu_tokenize") and "bleu_tokenize" in config.train:
-        config.train.bleu_tokenize = meta["bleu_tokenize"]
-    return config
-
-
-def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "test",
+def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, split: str = "test",
                    src_file: str | None = None, ref_file: str | None = None, average_last: int | None = None,
                    step: int | None = None, data_overrides: Mapping[str, Any] | None = None,
                    decode_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
-                   tokenize: str | None = None) -> BleuResult:
+                   tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
+                   compound_split: bool = False, lang: str | None = None) -> BleuResult:
     """Translate a test set and write `out_dir/{split}.hyp` (one line per source), `bleu.json` and `bleu.txt`.
 
     A workdir is evaluated as the average of its last `train.average_last` checkpoints unless `average_last`
     or `step` says otherwise. Every line is scored (see the module docstring). Without `tokenize`, sacreBLEU's
-    tokenizer is the run's `train.bleu_tokenize` (default 13a)."""
-    from jaxformer.translate import load_translator
+    tokenizer is the run's `train.bleu_tokenize` (default 13a). Beside the cased and lowercased scores:
+    `tokenized` (the model writes tokenized text, e.g. trained on Multi30k's tok/ files) adds tokenized BLEU
+    against the references as they are; `tok_refs` (a file of lowercased Moses-tokenized references aligned
+    with the test set) adds the Moses-tokenized lowercased BLEU of raw output; `compound_split` adds the
+    Transformer paper's compound-split BLEU. `lang` (Moses' language) defaults to the run's data.tgt_lang.
+    Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`."""
+    from jaxformer.config import default_config
+    from jaxformer.io import load
 
+    if tokenized and tok_refs is not None:
+        raise ValueError("--tok-refs scores raw-text output, which it tokenizes; with --tokenized the output is "
+                         "already tokenized: its tokenized BLEU is the comparable number, so drop --tok-refs")
+    tokenized_references = None
+    if tok_refs is not None:  # a bad path fails before decoding
+        if not os.path.isfile(tok_refs):
+            raise ValueError(f"--tok-refs {tok_refs}: no such file (give the lowercased Moses-tokenized references, "
+                             "e.g. ../shared/data/multi30k/tok/test2016.lc.norm.tok.de)")
+        tokenized_references = read_lines(tok_refs)
     model_path = pathlib.Path(model_path)
-    translator = load_translator(model_path, step=step, average_last=average_last)
-    config = _run_config(model_path)
+    translator = load(model_path, step=step, average_last=average_last)
+    config = translator.config if translator.config is not None else default_config()
+    lang = lang or config.data.tgt_lang
     if tokenize is None:
         tokenize = config.train.get("bleu_tokenize") or None
     if (src_file is None) != (ref_file is None):
@@ -174,6 +119,13 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         sources, references = sources[:limit], references[:limit]
     if not sources:
         raise ValueError(f"no sentences to evaluate in {origin}")
+    if tokenized_references is not None:
+        if limit is not None:
+            tokenized_references = tokenized_references[:limit]
+        if len(tokenized_references) != len(sources):
+            raise ValueError(f"--tok-refs {tok_refs} has {len(tokenized_references)} lines but the test set "
+                             f"({origin}) has {len(sources)}{' (with --limit)' if limit is not None else ''}; "
+                             "give the tokenized references of the same test set")
     bad = count_bad_lines(sources, references)
     if any(bad.values()):
         log.warning("%s: %d of %d lines have an empty side and %d a U+FFFD (undecodable bytes); all are scored "
@@ -183,7 +135,13 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     hypotheses = translator.translate(sources, **dict(decode_overrides or {}))
     seconds = time.time() - start
     result = bleu_scores(hypotheses, references, tokenize=tokenize)
-    out = pathlib.Path(out_dir)
+    if tokenized:
+        result.others.append(tokenized_bleu(hypotheses, references))
+    if tokenized_references is not None:
+        result.others.append(moses_lc_bleu(hypotheses, tokenized_references, lang))
+    if compound_split:
+        result.others.append(compound_split_bleu(hypotheses, references, lang, tokenized=tokenized))
+    out = pathlib.Path(out_dir) if out_dir is not None else model_path / "evaluation" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.hyp").write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
     settings = dict(translator.decode)
@@ -191,10 +149,11 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     steps = translator.checkpoint_steps
     info = {**result.to_json(), "model": str(model_path), "checkpoint_steps": steps,
             "average_last": len(steps) if steps else None, "step": step, "test_set": origin,
+            **({"tok_refs": str(tok_refs)} if tok_refs is not None else {}),
             "empty_lines": bad["empty"], "bad_utf8_lines": bad["bad_utf8"], "decode": settings,
             "seconds": round(seconds, 2), "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 2)}
     (out / "bleu.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "bleu.txt").write_text(result.lines())
-    log.info("%s (lowercased: %.2f) on %d sentences of %s%s", result.text, result.lowercased.score, len(sources),
-             origin, f", checkpoint steps {steps}" if steps else "")
+    log.info("%s (lowercased: %.2f) on %d sentences of %s%s; files in %s", result.text, result.lowercased.score,
+             len(sources), origin, f", checkpoint steps {steps}" if steps else "", out)
     return result

@@ -1,13 +1,12 @@
-"""The label-smoothed cross entropy of Section 5.4, per token and summed over non-pad tokens.
+"""The label-smoothed cross entropy of Section 5.4, per token (`token_statistics`); the train step sums it
+over non-pad tokens.
 
-`token_statistics` is written for speed as well as clarity: the [tokens, vocab] logits are the largest
-tensor of a step, so the forward pass reads them only for three per-row reductions (max, Σ exp, Σ) and one
-gather, without materialising log-probabilities or one-hot targets, and the backward pass writes the
-gradient softmax − q in one elementwise pass (a `jax.custom_vjp`). Differentiating the textbook form
-(log_softmax, take_along_axis, sum) made XLA CPU build the log-probabilities, scatter into a zero [tokens,
-vocab] array and copy the gradient into a transposed layout. With `model.output_logits`' own backward
-pass, the small shape of benchmarks/train_vs_pytorch.py trained 1.20-1.36x faster and real Multi30k
-batches of 4,096 slots 1.03-1.12x (two interleaved A/B runs on a 2-core CPU: benchmarks/step_ab.py).
+A fused loss head: the [tokens, vocab] logits are the largest tensor of a step, so the forward pass reads
+them only for three per-row reductions (max, Σ exp, Σ) and one gather, without materialising
+log-probabilities or one-hot targets, and the backward pass writes the gradient softmax − q in one
+elementwise pass (a `jax.custom_vjp`); differentiating the textbook form made XLA CPU materialise and
+transpose [tokens, vocab] arrays. Its figures (with `ops.output_logits`): benchmarks/README.md, "The loss
+head" (`benchmarks/step_ab.py --baselines textbook-head`).
 """
 
 from __future__ import annotations
@@ -75,20 +74,3 @@ def _statistics_backward(smoothing, residuals, cotangents):
 
 
 token_statistics.defvjp(_statistics, _statistics_backward)
-
-
-def token_losses(logits: jax.Array, targets: jax.Array, smoothing: float) -> tuple[jax.Array, jax.Array]:
-    """Per-token (label-smoothed loss, plain negative log-likelihood); see `token_statistics`."""
-    smoothed, nll, _ = token_statistics(logits, targets, smoothing)
-    return smoothed, nll
-
-
-def label_smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                                 smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
-    """(Σ weights · smoothed loss, Σ weights) over tokens; their ratio is the mean over non-pad tokens.
-
-    `weights` is typically `targets != PAD_ID`. See `token_statistics` for the smoothing variant.
-    """
-    smoothed, _ = token_losses(logits, targets, smoothing)
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(smoothed * weights), jnp.sum(weights)

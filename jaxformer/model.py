@@ -5,18 +5,19 @@ B batch, S source length, T target length, H heads, K key/query size per head
 (d_k), V value size per head (d_v), D d_model, F d_ff.
 
 `Transformer.encode` and `Transformer.decode` are usable alone (beam search
-needs them). With `decode=True` the decoder runs one token at a time from a
-key/value cache in the flax "cache" collection (head-major, [B,H,S,K]: see
-`cached_attention`); the cross-attention keys and values are computed once per
-sentence, on the first cached step, and read from the cache on every later one
-(pass `encoded=None` then).
+needs them). With `decode=True` the decoder runs one token at a time against the
+key/value caches of `jaxformer.decode_cache` (the flax "cache" collection): pass
+the encoder output on the first step and `encoded=None` afterwards.
+
+Departures from the paper are named options of `TransformerConfig`, all off by
+default: attention dropout, ReLU dropout, learned positions, pre-LN, untied
+embeddings, biases on the attention projections, another FFN activation, an
+output-logits bias, another LayerNorm epsilon, sinusoids in halves, bf16.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 import math
 from typing import Any, Callable, Mapping
 
@@ -25,14 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_POSITIONAL = ("sinusoidal", "learned")
-_NORMS = ("post", "pre")
-_ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
-_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-_CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention: head size a multiple of 8, <= 128 (256 on Hopper and later)
+from jaxformer import decode_cache
+from jaxformer.attention import ATTENTION_IMPLS, attend
+from jaxformer.ops import dropout, output_logits
 
-log = logging.getLogger(__name__)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish, "gelu": lambda x: nn.gelu(x, approximate=False)}
+_CHOICES = {"positional": ("sinusoidal", "learned"), "norm": ("post", "pre"), "dtype": tuple(_DTYPES),
+            "attention_impl": ATTENTION_IMPLS, "activation": tuple(ACTIVATIONS),
+            "sinusoid_layout": ("interleaved", "halves")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +53,16 @@ class TransformerConfig:
     attention_dropout_rate: float = 0.0
     relu_dropout_rate: float = 0.0
     positional: str = "sinusoidal"
+    sinusoid_layout: str = "interleaved"  # "halves": sin in the first D/2 features, cos in the rest (Marian)
     max_len: int = 512
     share_embeddings: bool = True
     tie_output: bool = True
     scale_embeddings: bool = True
     norm: str = "post"
+    layer_norm_epsilon: float = 1e-6
+    activation: str = "relu"  # the FFN's; "swish" and "gelu" (exact) for imported models
+    attention_bias: bool = False  # biases on the query/key/value/output projections (not in the paper)
+    logits_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
     dtype: str = "float32"
     attention_impl: str = "auto"
     pad_id: int = 0
@@ -80,8 +87,11 @@ class TransformerConfig:
         for key in ("dropout_rate", "attention_dropout_rate", "relu_dropout_rate"):
             if not 0.0 <= float(getattr(self, key)) < 1.0:
                 bad(key, f"must be in [0, 1), got {getattr(self, key)!r}")
-        for key, allowed in (("positional", _POSITIONAL), ("norm", _NORMS),
-                             ("dtype", tuple(_DTYPES)), ("attention_impl", _ATTENTION_IMPLS)):
+        if not float(self.layer_norm_epsilon) > 0.0:
+            bad("layer_norm_epsilon", f"must be > 0, got {self.layer_norm_epsilon!r}")
+        if self.sinusoid_layout == "halves" and self.d_model % 2:
+            bad("sinusoid_layout", f"'halves' needs an even d_model, got {self.d_model}")
+        for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"unknown option {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
 
@@ -125,129 +135,24 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
 
-def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
-    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+def sinusoidal_positions(length: int, d_model: int, layout: str = "interleaved") -> np.ndarray:
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+    layout="halves" puts the sines in the first d/2 features and the cosines in the rest (Marian, fairseq):
+    the same table with its features permuted."""
     position = np.arange(length, dtype=np.float64)[:, None]
     two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]
     angle = position / np.power(10000.0, two_i / d_model)
+    sin, cos = np.sin(angle), np.cos(angle[:, : d_model // 2])
+    if layout == "halves":
+        return np.concatenate([sin, cos], axis=1).astype(np.float32)
     table = np.zeros((length, d_model), dtype=np.float32)
-    table[:, 0::2] = np.sin(angle)
-    table[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    table[:, 0::2], table[:, 1::2] = sin, cos
     return table
 
 
-def padding_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Array:
-    """[B, 1, Tq, Tk] boolean mask from per-token validity; padded keys are never attended."""
-    mask = key_valid[:, None, None, :]
-    if query_valid is not None:
-        mask = jnp.logical_and(mask, query_valid[:, None, :, None])
-    return mask
-
-
-def segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
-    """[B, 1, Tq, Tk]: packed rows attend only within their own pair.
-
-    Padding (segment 0) attends only to padding, so no row is fully masked (a fully masked softmax row can
-    be NaN in fused kernels, and NaN times a zero loss weight is still NaN in the gradient)."""
-    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
-
-
-def causal_mask(length: int) -> jax.Array:
-    """[1, 1, T, T]: position i attends to positions <= i (Section 3.2.3)."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-
-
-def _combine(*masks):
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return None
-    out = masks[0]
-    for m in masks[1:]:
-        out = jnp.logical_and(out, m)
-    return out
-
-
-def accelerator_platform() -> str:
-    """"cuda", "rocm", "tpu" or "cpu": the default backend, with GPUs told apart by their runtime."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return backend
-    try:
-        version = jax.devices()[0].client.platform_version.lower()
-    except Exception:  # noqa: BLE001 - an unknown runtime is treated as not-CUDA (XLA attention)
-        return "gpu"
-    return "rocm" if "rocm" in version else "cuda"
-
-
-def choose_attention_impl(requested: str, *, platform: str, dtype, head_dim_k: int, head_dim_v: int,
-                          structured_mask: bool = True, needs_weights: bool = False) -> tuple[str, str]:
-    """(implementation, why) for one attention: "cudnn", "xla" or "einsum".
-
-    "auto" takes cuDNN's fused flash attention on a CUDA GPU when it applies: bf16/fp16 compute, d_k == d_v,
-    a head size that is a multiple of 8 and at most 128, and a mask cuDNN can express without a dense
-    tensor (`structured_mask`: causal and/or right padding given as sequence lengths; packed segments are
-    not). Otherwise XLA's `dot_product_attention`. The explicit formula ("einsum") is needed when the
-    attention weights themselves are (dropout on them, recording them for plots) or when d_k != d_v.
-    """
-    if requested not in _ATTENTION_IMPLS:
-        raise ValueError(f"model.attention_impl: unknown option {requested!r}; choose one of "
-                         f"{', '.join(_ATTENTION_IMPLS)}")
-    if requested == "einsum":
-        return "einsum", "requested"
-    if needs_weights:
-        return "einsum", "the attention weights are needed (attention dropout or recorded weights)"
-    if head_dim_k != head_dim_v:
-        return "einsum", f"d_k={head_dim_k} != d_v={head_dim_v}"
-    if requested != "auto":
-        return requested, "requested"
-    if platform != "cuda":
-        return "xla", f"no CUDA GPU (platform {platform})"
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
-        return "xla", f"cuDNN needs bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
-    if head_dim_k % 8 or head_dim_k > _CUDNN_MAX_HEAD_DIM:
-        return "xla", f"cuDNN needs a head size that is a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, got {head_dim_k}"
-    if not structured_mask:
-        return "xla", "the mask is not causal/padding (packed segments or a decode step)"
-    return "cudnn", "CUDA GPU, half precision, supported head size and mask"
-
-
-_LOGGED_CHOICES: set = set()
-
-
-def _log_choice(where: str, impl: str, why: str) -> None:
-    """Log once per (attention kind, implementation, reason): it runs at trace time, once per compile."""
-    if (where, impl, why) not in _LOGGED_CHOICES:
-        _LOGGED_CHOICES.add((where, impl, why))
-        log.info("attention %s: %s implementation (%s)", where, impl, why)
-
-
-def dropout_keep_mask(rng: jax.Array, rate: float, shape) -> tuple[jax.Array, float]:
-    """Keep decisions, each Bernoulli(1 − rate), for a tensor of `shape`, and the exact keep probability.
-
-    Two decisions per 32-bit threefry word, 16 bits each (keep when they are below round((1 − rate)·2¹⁶)):
-    `jax.random.bernoulli` spends a whole word per decision, and on a CPU generating those words was a
-    large part of the train step (benchmarks/README.md, "Dropout's random bits"). The keep probability is
-    (1 − rate) to within 2⁻¹⁷, and the returned value is the exact one, to scale the kept values by.
-    The words are drawn over `shape` with a halved last axis, so a batch split over devices draws its own
-    rows' words (threefry is partitionable) and every mesh gets the same masks.
-    """
-    threshold = int(round((1.0 - rate) * 65536))
-    half = (shape[-1] + 1) // 2
-    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
-    keep = jnp.concatenate([(words & 0xFFFF) < threshold, (words >> 16) < threshold], axis=-1)
-    return keep[..., :shape[-1]], threshold / 65536
-
-
-def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    """Inverted dropout: zero each value with probability `rate`, scale the kept ones by 1 / keep."""
-    keep, keep_prob = dropout_keep_mask(rng, rate, x.shape)
-    if keep_prob == 0.0:  # rate within 2⁻¹⁷ of 1, or above
-        return jnp.zeros_like(x)
-    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
-
-
 class Dropout(nn.Module):
-    """Section 5.4's dropout (flax's `nn.Dropout` with `dropout_keep_mask`'s cheaper random bits)."""
+    """Section 5.4's dropout, with `jaxformer.ops.dropout`'s cheaper random bits."""
 
     rate: float
 
@@ -258,67 +163,15 @@ class Dropout(nn.Module):
         return dropout(x, self.rate, self.make_rng("dropout"))
 
 
-def scaled_dot_product_attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
-                                 deterministic=True, impl="einsum", sow=None, is_causal=False,
-                                 key_lengths=None, structured=None, where="attention"):
-    """softmax(Q Kᵀ / √d_k) V (Eq. 1) for query [B,T,H,K], key [B,S,H,K], value [B,S,H,V], mask [B|1,1|H,T,S].
-
-    `mask` is always the full boolean mask. `is_causal` and `key_lengths` [B] (keys at positions >= length
-    are padding) describe the same mask structurally, for cuDNN, which then needs no dense mask;
-    `structured` says whether they describe it exactly (default: when either is given, or there is no mask).
-    `impl` is the config's attention_impl, resolved by `choose_attention_impl`.
-    """
-    if structured is None:
-        structured = mask is None or is_causal or key_lengths is not None
-    needs_weights = sow is not None or (not deterministic and dropout_rate > 0.0)
-    chosen, why = choose_attention_impl(impl, platform=accelerator_platform(), dtype=query.dtype,
-                                        head_dim_k=query.shape[-1], head_dim_v=value.shape[-1],
-                                        structured_mask=structured, needs_weights=needs_weights)
-    _log_choice(where, chosen, why)
-    if chosen == "cudnn" and structured:
-        lengths = None if key_lengths is None else key_lengths.astype(jnp.int32)
-        return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal,
-                                            key_value_seq_lengths=lengths, implementation="cudnn")
-    if chosen in ("cudnn", "xla"):
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=chosen)
-    depth = query.shape[-1]
-    logits = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)  # [B,H,T,S]
-    logits = logits / jnp.sqrt(jnp.float32(depth))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
-    if sow is not None:
-        sow(weights)
-    if not deterministic and dropout_rate > 0.0:
-        weights = dropout(weights, dropout_rate, dropout_rng)
-    out = jnp.einsum("bhts,bshv->bthv", weights, value, preferred_element_type=jnp.float32)  # [B,T,H,V]
-    return out.astype(query.dtype)
-
-
-def cached_attention(query, key, value, mask=None):
-    """Eq. 1 for decode steps, against head-major caches: query [B,T,H,K], key [B,H,S,K], value [B,H,S,V],
-    mask broadcastable to [B,H,T,S] -> [B,T,H,V].
-
-    The decode caches are stored head-major so that each step's two (batched matrix-vector) products read
-    them in place; the [B,S,H,K] layout of `scaled_dot_product_attention` made XLA transpose every cached
-    key and value on every step, which cost more than the step's matmuls. Scores and softmax in float32,
-    as `jax.nn.dot_product_attention`'s XLA path computes them.
-    """
-    logits = jnp.einsum("bthk,bhsk->bhts", query, key, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bhts,bhsv->bthv", probs, value, preferred_element_type=jnp.float32)
-    return out.astype(query.dtype)
+def _layer_norm(cfg: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                        name=name)
 
 
 class MultiHeadAttention(nn.Module):
     """Section 3.2.2: h heads of d_k (queries, keys) and d_v (values), concatenated and projected to D.
 
-    `kind` is "self" or "cross". In decode mode self-attention appends one step's key/value to a cache of
-    length max_decode_len; cross-attention computes the encoder's keys/values once and caches them.
-    """
+    `kind` is "self" or "cross" (keys and values from `memory`, the encoder output)."""
 
     config: TransformerConfig
     kind: str = "self"
@@ -326,145 +179,35 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, memory=None, mask=None, *, deterministic=True, decode=False, is_causal=False,
-                 key_lengths=None, beams=1):
+                 key_lengths=None):
         """`mask` is the full boolean mask; `is_causal` / `key_lengths` [B] restate it for cuDNN (see
-        `scaled_dot_product_attention`); decode steps use the mask alone.
-
-        `beams` (beam-search decode steps after the first): x holds `beams` consecutive rows per sentence
-        ([B*beams, 1, D]). Cross-attention reads a [B, H, S, K] cache and a [B, ...] mask, so the encoder's
-        keys and values are stored and read once per sentence, not once per beam; self-attention reads the
-        slot cache of `beam_search_cache` (see `_beam_self_attention`)."""
+        `jaxformer.attention.attend`). Decode steps use the caches' own masks for self-attention."""
         cfg = self.config
         h, dk, dv = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v
-        dense = lambda feats, name: nn.DenseGeneral(  # noqa: E731
-            feats, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        dense = lambda feats, name, axis=-1: nn.DenseGeneral(  # noqa: E731
+            feats, axis=axis, use_bias=cfg.attention_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(), name=name)
-        project = lambda out: nn.DenseGeneral(  # noqa: E731  the heads' outputs, concatenated, to D
-            cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-            kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+        keys_values = lambda source: (dense((h, dk), "key")(source), dense((h, dv), "value")(source))  # noqa: E731
         query = dense((h, dk), "query")(x)  # [B,T,H,K]
-
-        head_major = False  # decode caches hold keys/values as [B,H,S,K] (see `cached_attention`)
-        if self.kind == "cross" and decode:
-            # Keys/values of the encoder output: computed when `memory` is given (first step), else cached.
-            batch, = x.shape[:1]
-            initializing = not self.has_variable("cache", "cross_key")
-            src_len = memory.shape[1] if memory is not None else None
-            cached_key = self.variable("cache", "cross_key", jnp.zeros, (batch, h, src_len, dk), cfg.compute_dtype)
-            cached_value = self.variable("cache", "cross_value", jnp.zeros, (batch, h, src_len, dv),
-                                         cfg.compute_dtype)
-            if memory is not None:
-                key = jnp.swapaxes(dense((h, dk), "key")(memory), 1, 2)
-                value = jnp.swapaxes(dense((h, dv), "value")(memory), 1, 2)
-                if not initializing:
-                    cached_key.value, cached_value.value = key, value
-            else:
-                key, value = cached_key.value, cached_value.value
-                if beams > 1:  # the beams of a sentence become extra query positions against its keys
-                    query = query.reshape((key.shape[0], beams * query.shape[1]) + query.shape[2:])
-            head_major = True
+        if decode and self.kind == "cross":
+            out = decode_cache.cross_attention_step(self, query, memory, keys_values, mask)
+        elif decode:
+            out = decode_cache.self_attention_step(self, query, *keys_values(x))
         else:
-            source = x if self.kind == "self" else memory
-            key = dense((h, dk), "key")(source)    # [B,S,H,K]
-            value = dense((h, dv), "value")(source)  # [B,S,H,V]
-
-        if self.kind == "self" and decode and (beams > 1 or self.has_variable("cache", "beam_slots")):
-            if self.is_initializing() or not self.has_variable("cache", "beam_slots"):
-                raise ValueError("beam decode steps (beams > 1) need a cache from `beam_search_cache`")
-            return project(self._beam_self_attention(query, key, value, beams))
-
-        if self.kind == "self" and decode:
-            initializing = not self.has_variable("cache", "cached_key")
-            head_major_shape = lambda a: (a.shape[0], a.shape[2], a.shape[1], a.shape[3])  # noqa: E731
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, head_major_shape(key), key.dtype)
-            cached_value = self.variable("cache", "cached_value", jnp.zeros, head_major_shape(value), value.dtype)
-            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-            if not initializing:
-                max_len = cached_key.value.shape[2]
-                if x.shape[1] != 1:
-                    raise ValueError(f"decode mode takes one token per step, got a length of {x.shape[1]}")
-                index = cache_index.value
-                key = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(key, 1, 2), (0, 0, index, 0))
-                value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(value, 1, 2),
-                                                     (0, 0, index, 0))
-                cached_key.value, cached_value.value = key, value
-                cache_index.value = index + 1
-                head_major = True
-                # The new query sees cached positions 0..index only.
-                step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
-                mask = _combine(mask, step_mask)
-
-        sow = None
-        if self.record_weights:
-            sow = lambda w: self.sow("intermediates", "attention_weights", w)  # noqa: E731
-        dropout_rng = None
-        if not deterministic and cfg.attention_dropout_rate > 0.0:
-            dropout_rng = self.make_rng("dropout")
-        needs_weights = sow is not None or dropout_rng is not None
-        if head_major and not needs_weights:
-            _log_choice(f"decoder step {self.kind}", "einsum", "one query against the head-major decode cache")
-            out = cached_attention(query, key, value, mask)
-            if out.shape[0] != x.shape[0]:  # back from [B, beams*T, ...] to one row per beam
-                out = out.reshape(x.shape[:2] + out.shape[2:])
-        else:
-            if head_major:
-                key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
-            structured = None if not decode else False
-            out = scaled_dot_product_attention(
-                query, key, value, mask, dropout_rng=dropout_rng, dropout_rate=cfg.attention_dropout_rate,
-                deterministic=deterministic, impl=cfg.attention_impl, sow=sow, is_causal=is_causal,
-                key_lengths=key_lengths, structured=structured,
-                where=f"{'decoder' if decode or self.kind == 'cross' or is_causal else 'encoder'} {self.kind}")
-        return project(out)
-
-    def _beam_self_attention(self, query, key, value, beams):
-        """One beam-search step of decoder self-attention without reordering the cache.
-
-        Every sentence has K cache slots per position: slot k of position t holds the key/value of the beam
-        that sat in row k when it was fed at step t, and is never rewritten. `beam_slots` [B, K, L] says, for
-        each live beam, which slot holds each of its earlier positions (its ancestors'); beam search permutes
-        only these indices when it reorders beams (`decode._reorder_cache`), not the keys and values, which
-        used to cost a copy of the whole cache per step. Each beam's query scores every slot of its sentence
-        at once ([K, d] x [d, L*K] per sentence and head, the cache read in place) and keeps, per position,
-        the slot of its own history; the value sum uses the same selection. Keys are stored [B, H, d, L*K]
-        and values [B, H, L*K, d_v] (position-major, slot-minor), the layouts those two products read
-        without a transpose. query/key/value [B*K, 1, H, d] -> [B*K, 1, H, d_v].
-        """
-        slots = self.variable("cache", "beam_slots", jnp.zeros, (), jnp.int32)
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, (), key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, (), value.dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-        batch, k, length = slots.value.shape
-        if query.shape[1] != 1 or k != beams:
-            raise ValueError(f"beam decode steps take one token for each of {k} beams, got "
-                             f"{query.shape[1]} tokens and beams={beams}")
-        index = cache_index.value
-        by_sentence = lambda a: jnp.swapaxes(a.reshape((batch, k) + a.shape[2:]), 1, 2)  # noqa: E731 [B,H,K,d]
-        keys = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(by_sentence(key), 2, 3),
-                                            (0, 0, 0, index * k))
-        values = jax.lax.dynamic_update_slice(cached_value.value, by_sentence(value), (0, 0, index * k, 0))
-        history = jax.lax.dynamic_update_slice(
-            slots.value, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (batch, k, 1)),
-            (0, 0, index))
-        cached_key.value, cached_value.value, slots.value = keys, values, history
-        cache_index.value = index + 1
-
-        heads = keys.shape[1]
-        scores = jnp.einsum("bhkd,bhdn->bhkn", by_sentence(query), keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query x slot j, per position
-        mine = history[:, None, :, :, None] == jnp.arange(k, dtype=jnp.int32)  # [B,1,K,L,J]
-        logits = jnp.sum(jnp.where(mine, scores, 0.0), axis=-1) * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-        seen = jnp.arange(length) <= index  # the new query sees positions 0..index
-        logits = jnp.where(seen, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
-        probs = jax.nn.softmax(logits, axis=-1)  # [B,H,K,L]
-        weights = jnp.where(mine, probs[..., None], 0.0).reshape(batch, heads, k, length * k).astype(values.dtype)
-        out = jnp.einsum("bhkn,bhnv->bhkv", weights, values, preferred_element_type=jnp.float32)
-        return jnp.swapaxes(out, 1, 2).reshape(query.shape[:2] + out.shape[1:2] + out.shape[3:]).astype(
-            query.dtype)
+            key, value = keys_values(x if self.kind == "self" else memory)  # [B,S,H,K], [B,S,H,V]
+            sow = (lambda w: self.sow("intermediates", "attention_weights", w)) if self.record_weights else None
+            rng = None
+            if not deterministic and cfg.attention_dropout_rate > 0.0:
+                rng = self.make_rng("dropout")
+            where = f"{'decoder' if self.kind == 'cross' or is_causal else 'encoder'} {self.kind}"
+            out = attend(query, key, value, mask, impl=cfg.attention_impl, is_causal=is_causal,
+                         key_lengths=key_lengths, dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng,
+                         sow=sow, where=where)  # [B,T,H,V]
+        return dense(cfg.d_model, "out", axis=(-2, -1))(out)  # the heads concatenated, projected to D
 
 
 class FeedForward(nn.Module):
-    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2 (ReLU; `activation` names another)."""
 
     config: TransformerConfig
 
@@ -474,7 +217,7 @@ class FeedForward(nn.Module):
         dense = lambda feats, name: nn.Dense(  # noqa: E731
             feats, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(), name=name)
-        y = nn.relu(dense(cfg.d_ff, "wi")(x))  # [B,T,F]
+        y = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi")(x))  # [B,T,F]
         y = Dropout(cfg.relu_dropout_rate)(y, deterministic=deterministic)
         return dense(cfg.d_model, "wo")(y)
 
@@ -488,14 +231,15 @@ class SubLayer(nn.Module):
     @nn.compact
     def __call__(self, fn: Callable, x, *, deterministic=True):
         cfg = self.config
-        norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name="norm")
-        drop = Dropout(cfg.dropout_rate)
+        norm, drop = _layer_norm(cfg, "norm"), Dropout(cfg.dropout_rate)
         if cfg.norm == "pre":
             return x + drop(fn(norm(x)), deterministic=deterministic)
         return norm(x + drop(fn(x), deterministic=deterministic))
 
 
 class EncoderLayer(nn.Module):
+    """Section 3.1: self-attention, then the FFN, each a residual sub-layer."""
+
     config: TransformerConfig
     record_weights: bool = False
 
@@ -503,35 +247,36 @@ class EncoderLayer(nn.Module):
     def __call__(self, x, mask, *, deterministic=True, key_lengths=None):
         cfg = self.config
         attn = MultiHeadAttention(cfg, "self", self.record_weights, name="self_attention")
+        ffn = FeedForward(cfg, name="ffn")
         x = SubLayer(cfg, name="attention_block")(
             lambda y: attn(y, mask=mask, deterministic=deterministic, key_lengths=key_lengths), x,
             deterministic=deterministic)
-        ffn = FeedForward(cfg, name="ffn")
-        return SubLayer(cfg, name="ffn_block")(
-            lambda y: ffn(y, deterministic=deterministic), x, deterministic=deterministic)
+        return SubLayer(cfg, name="ffn_block")(lambda y: ffn(y, deterministic=deterministic), x,
+                                               deterministic=deterministic)
 
 
 class DecoderLayer(nn.Module):
+    """Section 3.1: masked self-attention, attention over the encoder output, then the FFN."""
+
     config: TransformerConfig
     record_weights: bool = False
 
     @nn.compact
     def __call__(self, y, memory, self_mask, cross_mask, *, deterministic=True, decode=False, is_causal=False,
-                 memory_lengths=None, beams=1):
+                 memory_lengths=None):
         cfg = self.config
         self_attn = MultiHeadAttention(cfg, "self", self.record_weights, name="self_attention")
-        y = SubLayer(cfg, name="self_attention_block")(
-            lambda z: self_attn(z, mask=self_mask, deterministic=deterministic, decode=decode,
-                                is_causal=is_causal, beams=beams),
-            y, deterministic=deterministic)
         cross_attn = MultiHeadAttention(cfg, "cross", self.record_weights, name="cross_attention")
+        ffn = FeedForward(cfg, name="ffn")
+        y = SubLayer(cfg, name="self_attention_block")(
+            lambda z: self_attn(z, mask=self_mask, deterministic=deterministic, decode=decode, is_causal=is_causal),
+            y, deterministic=deterministic)
         y = SubLayer(cfg, name="cross_attention_block")(
             lambda z: cross_attn(z, memory, mask=cross_mask, deterministic=deterministic, decode=decode,
-                                 key_lengths=memory_lengths, beams=beams),
+                                 key_lengths=memory_lengths),
             y, deterministic=deterministic)
-        ffn = FeedForward(cfg, name="ffn")
-        return SubLayer(cfg, name="ffn_block")(
-            lambda z: ffn(z, deterministic=deterministic), y, deterministic=deterministic)
+        return SubLayer(cfg, name="ffn_block")(lambda z: ffn(z, deterministic=deterministic), y,
+                                               deterministic=deterministic)
 
 
 class Embedder(nn.Module):
@@ -546,18 +291,16 @@ class Embedder(nn.Module):
         x = self.embed(tokens).astype(cfg.compute_dtype)  # [B,T,D]
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
-        length = tokens.shape[1]
-        if decode:
-            # One token per step: its position is the number of steps taken so far.
+        if decode:  # one token per step: its position is the number of steps taken so far
             is_init = not self.has_variable("cache", "position")
             step = self.variable("cache", "position", lambda: jnp.array(0, dtype=jnp.int32))
             if not is_init:
                 positions = jnp.broadcast_to(step.value, tokens.shape)
                 step.value = step.value + 1
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if cfg.positional == "sinusoidal":
-            table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
+            table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model, cfg.sinusoid_layout))
         else:
             table = self.param("positions", nn.initializers.normal(stddev=0.02), (cfg.max_len, cfg.d_model),
                                jnp.float32)
@@ -565,41 +308,8 @@ class Embedder(nn.Module):
         return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
-def output_logits(y: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
-    """y [B,T,D] @ kernel [D,vocab] -> float32 logits: compute-dtype inputs, float32 accumulation and output
-    (bfloat16 logits would round the loss and the search scores)."""
-    return _project(y, kernel, jnp.dtype(dtype))
-
-
-def _product(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project(y, kernel, dtype):
-    return _product("btd,dv->btv", y, kernel, dtype)
-
-
-def _project_forward(y, kernel, dtype):
-    return _product("btd,dv->btv", y, kernel, dtype), (y, kernel)
-
-
-def _project_backward(dtype, residuals, g):
-    """The two products of the backward pass, written out: differentiated automatically, XLA CPU copied
-    the [tokens, vocab] gradient into a transposed layout for the kernel's product (269 thread-ms of a
-    small-shape step on a 2-core CPU, `benchmarks/profile_step.py --textbook-head`); written as
-    [D, vocab] = yᵀ g, it transposes y [tokens, D] instead."""
-    y, kernel = residuals
-    dy = _product("btv,dv->btd", g, kernel, dtype)
-    dkernel = _product("btd,btv->dv", y, g, dtype)
-    return dy.astype(y.dtype), dkernel.astype(kernel.dtype)
-
-
-_project.defvjp(_project_forward, _project_backward)
-
-
 class OutputProjection(nn.Module):
-    """The untied pre-softmax projection (model.tie_output=False); parameters as nn.Dense's (a "kernel")."""
+    """The untied pre-softmax projection (model.tie_output=False)."""
 
     config: TransformerConfig
 
@@ -622,19 +332,19 @@ class Transformer(nn.Module):
         make_embed = lambda name: nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,  # noqa: E731
                                            dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
         source_embed = make_embed("shared_embedding" if cfg.share_embeddings else "source_embedding")
-        target_embed = source_embed if cfg.share_embeddings else make_embed("target_embedding")
-        self.target_embed = target_embed
+        self.target_embed = source_embed if cfg.share_embeddings else make_embed("target_embedding")
         self.encoder_embedder = Embedder(cfg, source_embed, name="encoder_embedder")
-        self.decoder_embedder = Embedder(cfg, target_embed, name="decoder_embedder")
+        self.decoder_embedder = Embedder(cfg, self.target_embed, name="decoder_embedder")
         self.encoder_layers = [EncoderLayer(cfg, self.record_weights, name=f"encoder_{i}")
                                for i in range(cfg.num_encoder_layers)]
         self.decoder_layers = [DecoderLayer(cfg, self.record_weights, name=f"decoder_{i}")
                                for i in range(cfg.num_decoder_layers)]
         if cfg.norm == "pre":  # pre-LN needs a final norm on each stack
-            self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
-            self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
+            self.encoder_norm, self.decoder_norm = _layer_norm(cfg), _layer_norm(cfg)
         if not cfg.tie_output:
             self.output_projection = OutputProjection(cfg, name="output_projection")
+        if cfg.logits_bias:
+            self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,))
 
     def encode(self, src, *, src_segments=None, src_positions=None, deterministic=True):
         """src [B,S] int tokens (PAD = config.pad_id) -> encoded [B,S,D]."""
@@ -642,51 +352,48 @@ class Transformer(nn.Module):
         src_valid = src != cfg.pad_id
         lengths = None  # right padding as lengths, for cuDNN; packed segments have only the dense mask
         if src_segments is not None:
-            mask = segment_mask(src_segments, src_segments)
+            mask = nn.make_attention_mask(src_segments, src_segments, jnp.equal, dtype=bool)
         else:
-            mask = padding_mask(None, src_valid)
-            lengths = jnp.sum(src_valid, axis=-1)
+            mask, lengths = src_valid[:, None, None, :], jnp.sum(src_valid, axis=-1)
         x = self.encoder_embedder(src, src_positions, deterministic=deterministic)
         for layer in self.encoder_layers:
             x = layer(x, mask, deterministic=deterministic, key_lengths=lengths)
-        if cfg.norm == "pre":
-            x = self.encoder_norm(x)
-        return x
+        return self.encoder_norm(x) if cfg.norm == "pre" else x
 
     def decode(self, encoded, src_mask, tgt_in, *, tgt_segments=None, src_segments=None, tgt_positions=None,
-               deterministic=True, decode=False, beams=1):
+               deterministic=True, decode=False):
         """Logits [B,T,vocab] (float32) for decoder input tgt_in [B,T] given encoded [B,S,D].
 
-        src_mask [B,S] is True on real source tokens. With decode=True, tgt_in is one token [B,1]; pass the
-        encoder output on the first step and encoded=None afterwards (its keys/values are then cached).
-        On those later steps, `beams` > 1 says tgt_in holds `beams` consecutive rows per sentence
-        ([B*beams, 1]) while src_mask and the cross-attention cache hold one row per sentence ([B, ...]);
-        the self-attention cache is then the slot cache of `beam_search_cache`.
+        src_mask [B,S] is True on real source tokens. With decode=True, tgt_in is one token per row; pass
+        the encoder output on the first step and encoded=None afterwards. Beam steps feed K rows per
+        sentence while src_mask stays [B,S] (see `jaxformer.decode_cache`).
         """
         cfg = self.config
-        # Structured restatements of the masks, for cuDNN (right padding): causal alone matches the dense
-        # self-attention mask on every real target position (padding comes after them, so a causal real
-        # query never sees it); padded positions carry no loss.
+        # Padding comes after the real target tokens, so causal alone (is_causal, for cuDNN) matches the
+        # dense self-attention mask on every real query; padded positions carry no loss.
         is_causal, memory_lengths = False, None
         if decode:
-            self_mask = None  # the cache's own step mask applies
-            cross_mask = src_mask[:, None, None, :]
+            self_mask, cross_mask = None, src_mask[:, None, None, :]  # the cache masks its own steps
         elif tgt_segments is not None:
-            self_mask = _combine(segment_mask(tgt_segments, tgt_segments), causal_mask(tgt_in.shape[1]))
-            cross_mask = segment_mask(tgt_segments, src_segments)
+            self_mask = nn.combine_masks(nn.make_attention_mask(tgt_segments, tgt_segments, jnp.equal, dtype=bool),
+                                         nn.make_causal_mask(tgt_in, dtype=bool), dtype=bool)
+            cross_mask = nn.make_attention_mask(tgt_segments, src_segments, jnp.equal, dtype=bool)
         else:
-            self_mask = _combine(causal_mask(tgt_in.shape[1]), padding_mask(None, tgt_in != cfg.pad_id))
+            self_mask = nn.combine_masks(nn.make_causal_mask(tgt_in, dtype=bool),
+                                         (tgt_in != cfg.pad_id)[:, None, None, :], dtype=bool)
             cross_mask = src_mask[:, None, None, :]
             is_causal, memory_lengths = True, jnp.sum(src_mask, axis=-1)
         y = self.decoder_embedder(tgt_in, tgt_positions, deterministic=deterministic, decode=decode)
         for layer in self.decoder_layers:
             y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
-                      is_causal=is_causal, memory_lengths=memory_lengths, beams=beams)
+                      is_causal=is_causal, memory_lengths=memory_lengths)
         if cfg.norm == "pre":
             y = self.decoder_norm(y)
-        if cfg.tie_output:  # the pre-softmax projection shares the embedding (3.4)
-            return output_logits(y, self.target_embed.embedding.T, cfg.compute_dtype)
-        return self.output_projection(y)
+        if cfg.tie_output:  # the pre-softmax projection shares the embedding matrix (Section 3.4)
+            logits = output_logits(y, self.target_embed.embedding.T, cfg.compute_dtype)
+        else:
+            logits = self.output_projection(y)
+        return logits + self.final_logits_bias if cfg.logits_bias else logits
 
     def __call__(self, src, tgt_in, *, src_segments=None, tgt_segments=None, src_positions=None,
                  tgt_positions=None, deterministic=True):
@@ -698,46 +405,9 @@ class Transformer(nn.Module):
 
 def init_params(config: TransformerConfig, rng: jax.Array, src_len: int = 8, tgt_len: int = 8):
     """Freshly initialised float32 parameters ({"params": ...})."""
-    model = Transformer(config)
     src = jnp.ones((1, src_len), jnp.int32)
     tgt = jnp.ones((1, tgt_len), jnp.int32)
-    return model.init(rng, src, tgt)
-
-
-def init_cache(config: TransformerConfig, batch_size: int, src_len: int, max_decode_len: int):
-    """An empty decode cache for `batch_size` rows, `src_len` source positions, `max_decode_len` steps."""
-    if max_decode_len > config.max_len:
-        raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={config.max_len}")
-    model = Transformer(config)
-    encoded = jnp.zeros((batch_size, src_len, config.d_model), config.compute_dtype)
-    src_mask = jnp.ones((batch_size, src_len), bool)
-    tgt = jnp.zeros((batch_size, max_decode_len), jnp.int32)
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), encoded, src_mask, tgt, decode=True, method=Transformer.decode))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
-
-
-def beam_search_cache(cache, beams: int):
-    """Turn the cache of a first decode step on B rows (one per sentence) into the cache of beam steps
-    (`Transformer.decode(..., beams=K)` on B*K rows): every self-attention position gets K slots, each
-    holding the first step's entry (keys [B, H, L, d] -> [B, H, d, L*K], values -> [B, H, L*K, d]), plus
-    `beam_slots` [B, K, L] (see `MultiHeadAttention._beam_self_attention`); cross-attention keys/values stay
-    one per sentence."""
-    def convert(tree):
-        if not isinstance(tree, Mapping):
-            return tree
-        tree = {name: convert(sub) for name, sub in tree.items()}
-        if "cached_key" in tree:
-            key, value = tree["cached_key"], tree["cached_value"]  # [B, H, L, d]
-            b, h, length = key.shape[:3]
-            key = jnp.swapaxes(key, 2, 3)  # [B, H, d, L]
-            tree["cached_key"] = jnp.broadcast_to(key[..., None], key.shape + (beams,)).reshape(
-                b, h, key.shape[2], length * beams)
-            tree["cached_value"] = jnp.broadcast_to(value[:, :, :, None], (b, h, length, beams) + value.shape[3:]
-                                                    ).reshape(b, h, length * beams, value.shape[3])
-            tree["beam_slots"] = jnp.zeros((b, beams, length), jnp.int32)
-        return tree
-    return convert(cache)
+    return Transformer(config).init(rng, src, tgt)
 
 
 def count_params(params) -> int:

@@ -2,12 +2,14 @@
 
 The pieces it drives, each in its own module: `optim` (Adam + the paper's rate), `loss` (label smoothing),
 `steps` (the compiled data-parallel steps), `checkpoint` (orbax), `metrics` (logs and curves). Read `_run`
-top to bottom: restore or init -> for each step: batches -> update -> log / save / evaluate -> averaged eval.
+top to bottom: start (restore or init) -> for each step: train_step, stop?, log, save, evaluate -> finish
+(the averaged checkpoints' evaluation). Each is a method of `_Trainer`; what changes per step is in `_Loop`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,10 +24,11 @@ import numpy as np
 
 from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
-from jaxformer.config import check_lengths
+from jaxformer.config import LEGACY_MODEL_VALUES, check_lengths, check_train_config
+from jaxformer.attention import accelerator_platform
 from jaxformer.io import init_from
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
-from jaxformer.model import Transformer, TransformerConfig, accelerator_platform, count_params
+from jaxformer.model import Transformer, TransformerConfig, count_params
 from jaxformer.optim import learning_rate_schedule
 from jaxformer.preemption import Preempted, StopSignals
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
@@ -55,47 +58,11 @@ def _log_packed_attention(config) -> None:
                  "training attention runs on XLA; set data.pack=False for cuDNN (more padding, several shapes)")
 
 
-def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
-    """Reject bad `train.*` values up front, naming the key."""
-    def need(ok: bool, key: str, what: str):
-        if not ok:
-            raise ValueError(f"train.{key}={train_cfg[key]!r}: {what}")
-
-    t = train_cfg
-    need(t.steps >= 1, "steps", "must be >= 1")
-    need(t.warmup_steps >= 1, "warmup_steps", "must be >= 1 (the schedule divides by it)")
-    need(t.lr_scale > 0, "lr_scale", "must be > 0")
-    need(0 <= t.adam_b1 < 1, "adam_b1", "must be in [0, 1)")
-    need(0 <= t.adam_b2 < 1, "adam_b2", "must be in [0, 1)")
-    need(t.adam_eps > 0, "adam_eps", "must be > 0")
-    need(t.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(t.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0: no clipping)")
-    need(t.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
-    need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-    need(t.log_every >= 1, "log_every", "must be >= 1")
-    need(t.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
-    need(t.eval_bleu_sentences >= 0, "eval_bleu_sentences", "must be >= 0 (0: no BLEU)")
-    need(t.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: not by steps)")
-    need(t.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", "must be >= 0 (0: not by time)")
-    need(t.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-    need(t.average_last >= 1, "average_last", "must be >= 1 (1: no averaging)")
-    need(t.average_last <= t.keep_checkpoints, "average_last",
-         f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
-    need(t.distributed in ("auto", "on", "off"), "distributed", "must be 'auto', 'on' or 'off'")
-    need(t.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0 (seconds)")
-    need(t.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0 (seconds)")
-    need(bool(str(t.workdir)), "workdir", "must name a directory")
-    from sacrebleu.metrics import BLEU
-
-    need(t.bleu_tokenize in BLEU.TOKENIZERS, "bleu_tokenize",
-         f"must be one of sacreBLEU's tokenizers: {', '.join(BLEU.TOKENIZERS)}")
-
-
 def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, str]], decode_cfg, *,
                   tokenize: str = "13a") -> tuple[dict, list[str]]:
     """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
     same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
-    from jaxformer.evaluate import bleu_scores
+    from jaxformer.bleu import bleu_scores
     from jaxformer.translate import translate_texts
 
     hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)
@@ -197,13 +164,6 @@ class _Trainer:
             log.info("sample: %r -> %r (reference %r)", pairs[0][0], hypotheses[0], pairs[0][1])
         return result
 
-    def save(self, state: TrainState, data_state: dict) -> None:
-        if not bool(self.steps.all_finite(state.params)):
-            raise TrainingError(f"the parameters after step {int(state.step)} are not finite; not saving them. "
-                                f"{self.last_good()} Lower train.lr_scale or set train.grad_clip_norm.")
-        self.store.save(int(state.step), params=state.params, opt_state=state.opt_state, rng=state.rng,
-                        data_state=data_state)
-
     def last_good(self) -> str:
         self.store.wait()
         kept = self.store.steps
@@ -219,6 +179,158 @@ class _Trainer:
                     f"non-finite training loss at step {step} (loss {float(m['loss'])}, gradient norm "
                     f"{float(m['grad_norm'])}); stopped without saving it. {self.last_good()} Lower "
                     f"train.lr_scale, set train.grad_clip_norm, or compute in float32 (model.dtype).")
+
+
+    # -- the loop's named steps
+
+    def start(self) -> _Loop:
+        """Restore the newest good checkpoint (with the data position) or initialise; save the config."""
+        from tqdm import tqdm
+
+        t, steps = self.t, self.steps
+        source = self.train_batches()
+        target = steps.abstract_state()
+        restored = self.store.restore_latest(params_like=target.params, opt_state_like=target.opt_state)
+        if restored is None:
+            state = steps.init_state(int(t.seed))
+            if t.get("init_from"):  # the exported parameters, placed as the steps keep them; Adam's moments stay 0
+                params = init_from.initial_params(self.config, self.model_cfg)
+                state = state.replace(params=parallel.replicate(params, self.mesh))
+        else:
+            # Placed as the steps' outputs are, so the first update does not compile for another placement.
+            step, rng = parallel.replicate((np.int32(restored.step), restored.rng), self.mesh)
+            state = TrainState(step=step, params=restored.params, opt_state=restored.opt_state, rng=rng)
+            positions = restored.data_state.get("processes", [])
+            if len(positions) != jax.process_count():
+                raise ckpt.CheckpointError(f"checkpoint step {restored.step} was written by {len(positions)} "
+                                           f"process(es), this run has {jax.process_count()}; resume with the "
+                                           f"same process count")
+            source.load_state_dict(positions[jax.process_index()])
+            log.info("resumed from checkpoint step %d in %s", restored.step, self.store.directory)
+        if self.is_chief:  # only now: a config whose model does not fit the checkpoints must not replace it
+            ckpt.save_run_config(self.config, self.workdir)
+        start = int(state.step)
+        log.info("model: %s parameters, vocabulary %d; %d device(s) over %d process(es); steps %d -> %d; "
+                 "workdir %s", f"{count_params(state.params):,}", self.tokenizer.vocab_size, jax.device_count(),
+                 jax.process_count(), start, t.steps, self.workdir)
+        _log_packed_attention(self.config)
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (t.progress_bar and self.is_chief))
+        self.shape_stats: dict = {}
+        return _Loop(state=state, start=start, batches=parallel.global_batches(source, self.mesh, self.shape_stats),
+                     source=source, metrics=MetricsLog(self.workdir, start, enabled=self.is_chief), bar=bar,
+                     result={"step": start, "workdir": str(self.workdir)})
+
+    def train_step(self, loop: _Loop, step: int) -> None:
+        """One update (of train.grad_accum_steps micro-batches), without waiting for the device."""
+        batches = [next(loop.batches) for _ in range(int(self.t.grad_accum_steps))]
+        loop.state, step_metrics = self.steps.update(loop.state, batches)
+        loop.window.append((step, step_metrics))
+        if len(loop.window) > _STEPS_AHEAD:  # bound how far the host runs ahead of the device
+            jax.block_until_ready(loop.window[-1 - _STEPS_AHEAD][1]["loss"])
+        loop.bar.update(1)
+
+    def stop_requested(self, loop: _Loop, stop: StopSignals) -> bool:
+        """Whether to stop after this step. Every process must stop after the same step, whichever got the
+        signal: with several, they vote each step and act on the vote a step later, not waiting for it."""
+        if jax.process_count() == 1:
+            return stop.requested
+        stopping = loop.vote is not None and bool(loop.vote)
+        loop.vote = parallel.any_process_later(stop.requested, self.mesh)
+        return stopping
+
+    def save_due(self, loop: _Loop, step: int) -> bool:
+        if self.t.checkpoint_every_steps and step % self.t.checkpoint_every_steps == 0:
+            return True
+        if self.t.checkpoint_every_minutes and step % self.t.log_every == 0:
+            return _agree(time.monotonic() - loop.last_save_time >= 60 * self.t.checkpoint_every_minutes)
+        return False
+
+    def log_window(self, loop: _Loop) -> None:
+        """Fetch the steps since the last log, check they are finite, and log their means."""
+        fetched = jax.device_get(loop.window)
+        loop.window = []
+        self.check_finite(fetched)
+        sums = {k: sum(float(m[k]) for _, m in fetched) for k in ("loss", "nll", "correct", "tokens")}
+        step = fetched[-1][0]
+        elapsed = max(time.monotonic() - loop.window_start, 1e-9)
+        values = summarize(sums)
+        values.update(lr=float(self.schedule(step - 1)), grad_norm=float(fetched[-1][1]["grad_norm"]),
+                      tokens_per_sec=sums["tokens"] / elapsed)
+        loop.metrics.write("train", step, values)
+        if loop.bar.disable and self.is_chief:
+            log.info("step %d train: %s", step, fmt(values))
+        loop.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
+                             tok_s=f"{values['tokens_per_sec']:.0f}", refresh=False)
+        loop.result.update({f"train_{k}": v for k, v in values.items()})
+        loop.window_start = time.monotonic()
+
+    def save(self, loop: _Loop) -> None:
+        state = loop.state
+        if not bool(self.steps.all_finite(state.params)):
+            raise TrainingError(f"the parameters after step {int(state.step)} are not finite; not saving them. "
+                                f"{self.last_good()} Lower train.lr_scale or set train.grad_clip_norm.")
+        self.store.save(int(state.step), params=state.params, opt_state=state.opt_state, rng=state.rng,
+                        data_state={"processes": parallel.allgather_json(loop.source.state_dict())})
+        loop.last_save_time = loop.window_start = time.monotonic()
+
+    def evaluate_and_log(self, loop: _Loop, step: int, params, split: str = "valid") -> None:
+        values = self.evaluate(params)
+        loop.metrics.write(split, step, values)
+        log.info("step %d %s: %s", step, split, fmt(values))
+        loop.result.update({f"{split}_{k}": v for k, v in values.items()})
+        if self.t.plot:
+            loop.metrics.plot()
+        loop.window_start = time.monotonic()
+
+    def stop(self, stop: StopSignals, step: int) -> None:
+        self.store.wait()
+        name = stop.name or "a signal on another process"
+        message = (f"stopped by {name} after step {step}: checkpoint step {step} is in {self.store.directory}; "
+                   f"rerun the same command to resume from it")
+        log.warning("%s", message)
+        raise Preempted(message, signum=stop.signum or 15, step=step)
+
+    def finish(self, loop: _Loop) -> None:
+        """After the last step: evaluate a run that had nothing left to do, and the averaged checkpoints."""
+        t = self.t
+        if loop.start >= t.steps:
+            log.info("workdir %s already holds step %d >= train.steps=%d: evaluating only", self.workdir,
+                     loop.start, t.steps)
+            self.evaluate_and_log(loop, loop.start, loop.state.params)
+        self.store.wait()
+        if self.shape_stats.get("padded"):
+            loop.result["batches_padded_to_agree"] = self.shape_stats["padded"]
+        if t.average_last > 1:
+            kept = self.store.steps
+            if len(kept) >= t.average_last:
+                averaged, _ = ckpt.load_averaged(self.workdir, average_last=int(t.average_last))
+                self.evaluate_and_log(loop, kept[-1], parallel.replicate(averaged, self.mesh), "valid_avg")
+            else:
+                log.info("not evaluating averaged checkpoints: %d kept, train.average_last=%d", len(kept),
+                         t.average_last)
+
+    def close(self, loop: _Loop) -> None:
+        loop.bar.close()
+        if hasattr(loop.source, "close"):
+            loop.source.close()
+        self.store.close()
+        loop.metrics.close()
+
+
+def _resume_legacy_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """A workdir saved before a model option existed resumes with the value it was trained with."""
+    saved = workdir / ckpt.CONFIG_FILE
+    if not saved.is_file():
+        return
+    try:
+        model = json.loads(saved.read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return  # the checkpoint store reports an unreadable run directory
+    for key, value in LEGACY_MODEL_VALUES.items():
+        if isinstance(model, dict) and key not in model and config.model[key] != value:
+            log.warning("%s predates model.%s: resuming with model.%s=%s, as it was trained", saved, key, key, value)
+            config.model[key] = value
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -244,150 +356,67 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     "cores, so training uses %d; call jaxformer.parallel.use_every_cpu_core() before anything "
                     "else touches JAX", jax.local_device_count(), os.cpu_count(), jax.local_device_count())
     workdir = pathlib.Path(config.train.workdir).absolute()
+    _resume_legacy_model(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else contextlib.nullcontext():
         return _run(config, workdir)
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What changes from step to step: the train state and the bookkeeping around it."""
+
+    state: TrainState
+    start: int  # the step this invocation started from
+    batches: Any  # global batches, placed on the mesh
+    source: Any  # this process's batch iterator (its position goes into checkpoints)
+    metrics: MetricsLog
+    bar: Any
+    result: dict
+    window: list = dataclasses.field(default_factory=list)  # (step, device metrics) not yet fetched
+    window_start: float = dataclasses.field(default_factory=time.monotonic)
+    last_save_time: float = dataclasses.field(default_factory=time.monotonic)
+    vote: Any = None  # several processes: the stop vote started after the previous step
+
+
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     started = time.monotonic()
     trainer = _Trainer(config, workdir)
-    t, steps = config.train, trainer.steps
-    train_batches = trainer.train_batches()
-    target = steps.abstract_state()
-    restored = trainer.store.restore_latest(params_like=target.params, opt_state_like=target.opt_state)
-    if restored is None:
-        state = steps.init_state(int(t.seed))
-        if t.get("init_from"):  # the exported parameters, placed as the steps keep them; Adam's moments stay zeros
-            params = init_from.initial_params(config, trainer.model_cfg)
-            state = state.replace(params=parallel.replicate(params, trainer.mesh))
-    else:
-        # Placed as the steps' outputs are, so the first update does not compile for another placement.
-        step, rng = parallel.replicate((np.int32(restored.step), restored.rng), trainer.mesh)
-        state = TrainState(step=step, params=restored.params, opt_state=restored.opt_state, rng=rng)
-        positions = restored.data_state.get("processes", [])
-        if len(positions) != jax.process_count():
-            raise ckpt.CheckpointError(f"checkpoint step {restored.step} was written by {len(positions)} process(es), "
-                                       f"this run has {jax.process_count()}; resume with the same process count")
-        train_batches.load_state_dict(positions[jax.process_index()])
-        log.info("resumed from checkpoint step %d in %s", restored.step, trainer.store.directory)
-    if trainer.is_chief:  # only now: a config whose model does not fit the checkpoints must not replace it
-        ckpt.save_run_config(config, workdir)
-    start = int(state.step)
-    log.info("model: %s parameters, vocabulary %d; %d device(s) over %d process(es); steps %d -> %d; workdir %s",
-             f"{count_params(state.params):,}", trainer.tokenizer.vocab_size, jax.device_count(),
-             jax.process_count(), start, t.steps, workdir)
-
-    _log_packed_attention(config)
-
-    metrics = MetricsLog(workdir, start, enabled=trainer.is_chief)
-    shape_stats: dict = {}
-    batches = parallel.global_batches(train_batches, trainer.mesh, shape_stats)
-    accum = int(t.grad_accum_steps)
-    result: dict[str, Any] = {"step": start, "workdir": str(workdir)}
-    window: list[tuple[int, dict]] = []
-    window_start = last_save_time = time.monotonic()
-    bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (t.progress_bar and trainer.is_chief))
-
-    def flush():
-        nonlocal window, window_start
-        fetched = jax.device_get(window)
-        window = []
-        trainer.check_finite(fetched)
-        sums = {k: sum(float(m[k]) for _, m in fetched) for k in ("loss", "nll", "correct", "tokens")}
-        step = fetched[-1][0]
-        elapsed = max(time.monotonic() - window_start, 1e-9)
-        values = summarize(sums)
-        values.update(lr=float(trainer.schedule(step - 1)), grad_norm=float(fetched[-1][1]["grad_norm"]),
-                      tokens_per_sec=sums["tokens"] / elapsed)
-        metrics.write("train", step, values)
-        if bar.disable and trainer.is_chief:
-            log.info("step %d train: %s", step, fmt(values))
-        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
-                        tok_s=f"{values['tokens_per_sec']:.0f}", refresh=False)
-        result.update({f"train_{k}": v for k, v in values.items()})
-        window_start = time.monotonic()
-
-    def do_eval(step: int, params, split: str = "valid"):
-        nonlocal window_start
-        values = trainer.evaluate(params)
-        metrics.write(split, step, values)
-        log.info("step %d %s: %s", step, split, fmt(values))
-        result.update({f"{split}_{k}": v for k, v in values.items()})
-        if t.plot:
-            metrics.plot()
-        window_start = time.monotonic()
-
+    t = config.train
+    loop = trainer.start()
     try:
-        redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
+        redirect = logging_redirect_tqdm() if not loop.bar.disable else contextlib.nullcontext()
         with redirect, StopSignals() as stop:  # log lines go above the progress bar
-            vote = None  # several processes: the stop vote started after the previous step
-            for step in range(start + 1, t.steps + 1):
-                state, step_metrics = steps.update(state, [next(batches) for _ in range(accum)])
-                window.append((step, step_metrics))
-                if len(window) > _STEPS_AHEAD:  # bound how far the host runs ahead of the device
-                    jax.block_until_ready(window[-1 - _STEPS_AHEAD][1]["loss"])
-                bar.update(1)
+            for step in range(loop.start + 1, t.steps + 1):
+                trainer.train_step(loop, step)
                 last = step == t.steps
-                # Every process must stop after the same step, whichever got the signal: with several, they
-                # vote each step and act on the vote a step later, without waiting for the device.
-                if jax.process_count() == 1:
-                    stopping = stop.requested
-                else:
-                    stopping, vote = vote is not None and bool(vote), parallel.any_process_later(stop.requested,
-                                                                                                 trainer.mesh)
-                save = last or stopping or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)
-                if not save and t.checkpoint_every_minutes and step % t.log_every == 0:
-                    save = _agree(time.monotonic() - last_save_time >= 60 * t.checkpoint_every_minutes)
-                evaluate = last or (t.eval_every and step % t.eval_every == 0)
+                stopping = trainer.stop_requested(loop, stop)
+                save = last or stopping or trainer.save_due(loop, step)
+                evaluate = last or bool(t.eval_every and step % t.eval_every == 0)
                 if last or save or evaluate or step % t.log_every == 0:
-                    flush()
+                    trainer.log_window(loop)
                 if save:
-                    trainer.save(state, {"processes": parallel.allgather_json(train_batches.state_dict())})
-                    last_save_time = window_start = time.monotonic()
+                    trainer.save(loop)
                 if evaluate:
-                    do_eval(step, state.params)
-                result["step"] = step
+                    trainer.evaluate_and_log(loop, step, loop.state.params)
+                loop.result["step"] = step
                 if stopping and not last:
-                    trainer.store.wait()
-                    name = stop.name or "a signal on another process"
-                    message = (f"stopped by {name} after step {step}: checkpoint step {step} is in "
-                               f"{trainer.store.directory}; rerun the same command to resume from it")
-                    log.warning("%s", message)
-                    raise Preempted(message, signum=stop.signum or 15, step=step)
-            if start >= t.steps:
-                log.info("workdir %s already holds step %d >= train.steps=%d: evaluating only", workdir, start, t.steps)
-                do_eval(start, state.params)
-            trainer.store.wait()
-            if shape_stats.get("padded"):
-                result["batches_padded_to_agree"] = shape_stats["padded"]
-            if t.average_last > 1:
-                kept = trainer.store.steps
-                if len(kept) >= t.average_last:
-                    averaged = ckpt.load_params(workdir, average_last=int(t.average_last))
-                    do_eval(kept[-1], parallel.replicate(averaged, trainer.mesh), "valid_avg")
-                else:
-                    log.info("not evaluating averaged checkpoints: %d kept, train.average_last=%d",
-                             len(kept), t.average_last)
+                    trainer.stop(stop, step)
+            trainer.finish(loop)
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
-            log.warning("interrupted at step %d. %s", int(result["step"]), trainer.last_good())
+            log.warning("interrupted at step %d. %s", int(loop.result["step"]), trainer.last_good())
         if t.plot:
-            metrics.plot()  # the curves up to the failure
+            loop.metrics.plot()  # the curves up to the failure
         raise
     finally:
-        bar.close()
-        if hasattr(train_batches, "close"):
-            train_batches.close()
-        trainer.store.close()
-        metrics.close()
-    result["seconds"] = round(time.monotonic() - started, 1)
-    log.info("done: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
-    return result
+        trainer.close(loop)
+    loop.result["seconds"] = round(time.monotonic() - started, 1)
+    log.info("done: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                     for k, v in loop.result.items()}))
+    return loop.result
 
 
 def _agree(flag: bool) -> bool:

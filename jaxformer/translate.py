@@ -1,8 +1,8 @@
 """Text in, text out: batching, bucketing and detokenization around `jaxformer.decode`.
 
-    from jaxformer.translate import Translator, translate
-    translator = Translator.load("runs/multi30k")          # a training workdir or an export directory
-    translate(translator, ["A man rides a horse."])       # -> ["Ein Mann reitet ein Pferd."]
+    import jaxformer
+    translator = jaxformer.load("runs/multi30k")          # a training workdir or an export directory
+    translator(["A man rides a horse."])                  # -> ["Ein Mann reitet ein Pferd."]
     translator("A dog runs.", beam_size=1)                # one string in, one string out
 
 Sentences are sorted by length and decoded in batches of `decode.batch_size` rows whose source length
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -36,13 +34,11 @@ from jaxformer.config import decode_settings
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.model import Transformer
 
-__all__ = ["Translator", "translate", "translate_texts", "translate_ids", "load_translator", "decode_settings",
-           "SOURCE_BUCKETS"]
+__all__ = ["Translator", "translate_texts", "translate_ids", "decode_settings", "SOURCE_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
 SOURCE_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-_DECODE_KEYS = ("beam_size", "length_penalty", "max_extra_len", "batch_size")
 
 
 def _bucket(length: int, cap: int) -> int:
@@ -143,10 +139,9 @@ def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[s
 
 @dataclasses.dataclass
 class Translator:
-    """A loaded model bundle: the model, its parameters, its vocabulary and default decode settings.
-
-    Unpacks like the `(model, params, tokenizer)` triple of `jaxformer.export.load`. Call it (or
-    `.translate`) with a list of sentences, or with one sentence to get one string back.
+    """A loaded model: the model, its parameters, its vocabulary and default decode settings (what
+    `jaxformer.load` returns). Call it (or `.translate`) with a list of sentences, or with one sentence to
+    get one string back; it unpacks as `model, params, tokenizer = translator`.
     """
 
     model: Transformer
@@ -155,17 +150,13 @@ class Translator:
     decode: dict = dataclasses.field(default_factory=decode_settings)
     source: str | None = None  # where it was loaded from
     checkpoint_steps: list[int] | None = None  # from a workdir: the checkpoints averaged into `params`
+    config: Any = None  # the run's config (data.*, train.bleu_tokenize), or what an export kept of it
 
     def __post_init__(self):
         self.decode = decode_settings(self.decode)
 
     def __iter__(self):
         return iter((self.model, self.params, self.tokenizer))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, step: int | None = None,
-             average_last: int | None = None) -> "Translator":
-        return load_translator(path, step=step, average_last=average_last)
 
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
                   length_penalty: float | None = None, max_extra_len: int | None = None,
@@ -177,50 +168,3 @@ class Translator:
         return out[0] if single else out
 
     __call__ = translate
-
-
-def load_translator(path: str | os.PathLike, *, step: int | None = None,
-                    average_last: int | None = None) -> Translator:
-    """Load an export directory (config.json + params.safetensors) or a training workdir (checkpoints/).
-
-    A workdir gives, by default, the average of its last `train.average_last` checkpoints (the model the
-    paper reports; fewer if fewer were kept), or with `step` that checkpoint alone; an explicit
-    `average_last` wins (see `jaxformer.checkpoint.load_run_model`).
-    """
-    from jaxformer import export
-
-    path = pathlib.Path(path)
-    if export.is_export_dir(path):
-        if step is not None or average_last not in (None, 1):
-            raise ValueError(f"{path} is an exported model (one set of parameters): --step/--average-last apply "
-                             f"only to a training workdir")
-        model, params, tokenizer = export.load(path)
-        return Translator(model, params, tokenizer, export.load_export_config(path).get("decode", {}), str(path))
-    if (path / "checkpoints").is_dir():
-        from jaxformer import checkpoint
-
-        model, params, tokenizer, steps = checkpoint.load_run_model(path, step=step, average_last=average_last)
-        decode = checkpoint.load_run_config(path).decode.to_dict()
-        return Translator(model, params, tokenizer, decode, str(path), list(steps))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give an export directory or a training workdir")
-    raise FileNotFoundError(f"{path} is neither an exported model (config.json + params.safetensors) nor a "
-                            f"training workdir (checkpoints/)")
-
-
-def _as_translator(bundle) -> Translator:
-    if isinstance(bundle, Translator):
-        return bundle
-    if isinstance(bundle, (str, os.PathLike)):
-        return load_translator(bundle)
-    if isinstance(bundle, (tuple, list)) and len(bundle) == 3:
-        return Translator(*bundle)
-    raise TypeError("expected a Translator, a (model, params, tokenizer) triple, or the path of an exported "
-                    f"model or training workdir; got {type(bundle).__name__}")
-
-
-def translate(model, sentences: str | Sequence[str], **kw) -> str | list[str]:
-    """Translate with a loaded bundle: a `Translator`, a `(model, params, tokenizer)` triple (as
-    `jaxformer.export.load` and `jaxformer.checkpoint.load_model` return), or a path to load from.
-    Keyword options: beam_size, length_penalty, max_extra_len, batch_size."""
-    return _as_translator(model).translate(sentences, **kw)

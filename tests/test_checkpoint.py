@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxformer
 from jaxformer import checkpoint as ckpt
 from jaxformer.config import default_config
 
@@ -143,29 +144,29 @@ def test_average_checkpoints_is_the_elementwise_mean():
         ckpt.average_checkpoints([tree(1.0), tree(1.0, rows=4) | {"extra": jnp.zeros(1)}])
 
 
-def test_load_params_averages_the_last_k(tmp_path, caplog):
+def test_load_averaged_averages_the_last_k(tmp_path, caplog):
     directory = tmp_path / ckpt.CHECKPOINT_DIR
     save_steps(directory, [10, 20, 30, 40], values=[1.0, 2.0, 4.0, 9.0]).close()
-    kernel = lambda p: np.asarray(p["params"]["dense"]["kernel"])[0, 0]  # noqa: E731
-    assert kernel(ckpt.load_params(tmp_path)) == 9.0
-    assert kernel(ckpt.load_params(tmp_path, step=20)) == 2.0
-    assert kernel(ckpt.load_params(tmp_path, average_last=2)) == pytest.approx(6.5)
-    assert kernel(ckpt.load_params(tmp_path, average_last=3, step=30)) == pytest.approx(7 / 3)
+    kernel = lambda p: np.asarray(p[0]["params"]["dense"]["kernel"])[0, 0]  # noqa: E731  (params, steps)
+    assert kernel(ckpt.load_averaged(tmp_path)) == 9.0
+    assert kernel(ckpt.load_averaged(tmp_path, step=20)) == 2.0
+    assert kernel(ckpt.load_averaged(tmp_path, average_last=2)) == pytest.approx(6.5)
+    assert kernel(ckpt.load_averaged(tmp_path, average_last=3, step=30)) == pytest.approx(7 / 3)
     with pytest.raises(ckpt.CheckpointError, match="4 readable checkpoint.*fewer than the 5 asked for"):
-        ckpt.load_params(tmp_path, average_last=5)
+        ckpt.load_averaged(tmp_path, average_last=5)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint for step 25"):
-        ckpt.load_params(tmp_path, step=25)
+        ckpt.load_averaged(tmp_path, step=25)
     # A damaged checkpoint is skipped (and said so); the average uses the next older ones.
     damage_params(directory, 40)
     with caplog.at_level(logging.WARNING, logger="jaxformer"):
-        assert kernel(ckpt.load_params(tmp_path, average_last=2)) == pytest.approx(3.0)
+        assert kernel(ckpt.load_averaged(tmp_path, average_last=2)) == pytest.approx(3.0)
     assert "skipped unreadable [40]" in caplog.text
     assert (directory / "40").is_dir()  # a reader never moves anything
 
 
-def test_load_params_without_checkpoints_says_so(tmp_path):
+def test_load_averaged_without_checkpoints_says_so(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no checkpoints"):
-        ckpt.load_params(tmp_path)
+        ckpt.load_averaged(tmp_path)
 
 
 def test_run_config_roundtrip_and_errors(tmp_path):
@@ -211,7 +212,7 @@ def test_load_model_and_average_cli(tmp_path, multi30k_tokenizer, capsys):
         store.save(step, params=params, opt_state=tx.init(params), rng=np.zeros(2, np.uint32), data_state={})
     store.close()
 
-    model, params, tokenizer = ckpt.load_model(tmp_path, average_last=2)
+    model, params, tokenizer = jaxformer.load(tmp_path, average_last=2)
     assert model.config == model_cfg and tokenizer.vocab_size == multi30k_tokenizer.vocab_size
     expected = ckpt.average_checkpoints(all_params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, expected)
@@ -230,4 +231,32 @@ def test_load_model_and_average_cli(tmp_path, multi30k_tokenizer, capsys):
     assert "fewer than the 3 asked for" in capsys.readouterr().err
     os.remove(tmp_path / ckpt.VOCAB_FILE)
     with pytest.raises(ckpt.CheckpointError, match="vocab.model not found"):
-        ckpt.load_model(tmp_path)
+        jaxformer.load(tmp_path)
+
+
+def test_a_run_saved_before_attention_bias_existed_loads_with_biases(tmp_path, multi30k_tokenizer):
+    """Runs and exports written before model.attention_bias had biases on the attention projections and no
+    key for them: they load (and export, and resume) as attention_bias=True."""
+    from jaxformer.io import native
+    from jaxformer.model import TransformerConfig, init_params
+
+    config = default_config()
+    config.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1)
+    saved = json.loads(config.to_json_best_effort())
+    del saved["model"]["attention_bias"]
+    (tmp_path / ckpt.CONFIG_FILE).write_text(json.dumps(saved))
+    shutil.copy(multi30k_tokenizer.path, tmp_path / ckpt.VOCAB_FILE)
+    old = TransformerConfig.from_dict({**saved["model"], "attention_bias": True},
+                                      vocab_size=multi30k_tokenizer.vocab_size)
+    params = init_params(old, jax.random.key(0))
+    with ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, async_save=False) as store:
+        store.save(1, params=params, opt_state=optax.adam(1e-3).init(params), rng=np.zeros(2, np.uint32),
+                   data_state={})
+    translator = jaxformer.load(tmp_path)
+    assert translator.model.config.attention_bias is True
+    assert "bias" in translator.params["params"]["encoder_0"]["self_attention"]["query"]
+    exported = native.write(translator, tmp_path / "export")
+    meta = json.loads((exported / "config.json").read_text())
+    del meta["model"]["attention_bias"]  # an export written before the option
+    (exported / "config.json").write_text(json.dumps(meta))
+    assert jaxformer.load(exported).model.config.attention_bias is True

@@ -22,7 +22,9 @@ from flax import linen as nn
 from jaxformer import decode
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from jaxformer.decode import beam_search, greedy_search, length_penalty, score_sequences
-from jaxformer.model import (MultiHeadAttention, Transformer, TransformerConfig, beam_search_cache, init_cache,
+from jaxformer.decode import init_cache
+from jaxformer.decode_cache import beam_search_cache, reorder_beams
+from jaxformer.model import (MultiHeadAttention, Transformer, TransformerConfig,
                              init_params)
 
 RANDOM_CFG = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
@@ -124,8 +126,7 @@ def bigram_model(next_log_probs: dict[int, dict[int, float]], floor: float = -30
     tree = params["params"]
     layer = tree["decoder_0"]
     for name in ("self_attention", "cross_attention"):
-        layer[name]["out"]["kernel"][:] = 0.0
-        layer[name]["out"]["bias"][:] = 0.0
+        layer[name]["out"]["kernel"][:] = 0.0  # (no bias: model.attention_bias is off)
     layer["ffn"]["wo"]["kernel"][:] = 0.0
     layer["ffn"]["wo"]["bias"][:] = 0.0
     tree["decoder_embedder"]["positions"][:] = 0.0
@@ -254,37 +255,26 @@ def test_max_length_is_input_length_plus_extra_and_capped(random_model, random_s
         # EOS is forced at the limit (fairseq), and only there
         np.testing.assert_array_equal(tokens[np.arange(6), limits - 1], EOS_ID)
         assert (tokens == EOS_ID).sum() == 6
-    # eos_at_limit=False: the old rule, the hypothesis is cut at the limit without EOS
-    old_greedy = np.asarray(greedy_search(model, params, src, max_extra_len=EXTRA, eos_at_limit=False))
-    old_beam, _ = beam_search(model, params, src, beam_size=4, max_extra_len=EXTRA, eos_at_limit=False)
-    for tokens in (old_greedy, np.asarray(old_beam)):
-        np.testing.assert_array_equal(lengths_of(tokens), limits)
-        assert (tokens != EOS_ID).all()
     # max_len caps below that; the model's own max_len (40) caps the buffer.
     np.testing.assert_array_equal(lengths_of(greedy_search(model, params, src, max_len=7, max_extra_len=EXTRA)),
                                   np.minimum(limits, 7))
     assert greedy_search(model, params, src, max_extra_len=100).shape == (6, RANDOM_CFG.max_len)
 
 
-@pytest.mark.parametrize("eos_at_limit", [True, False])
-def test_a_beam_reaching_the_limit_without_eos_is_finished_there(eos_at_limit):
+def test_a_beam_reaching_the_limit_without_eos_is_finished_there():
     model, params, log_probs = constant_model({5: 2.0, 6: 1.0, EOS_ID: -8.0})
     src = sources([2, 4], 8, 16)
-    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA,
-                                 eos_at_limit=eos_at_limit)
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
     tokens = np.asarray(tokens)
     for row, limit in enumerate([3 + EXTRA, 5 + EXTRA]):
         assert (tokens[row, limit:] == PAD_ID).all()
-        if eos_at_limit:  # EOS forced at the limit, its log-prob counted
-            np.testing.assert_array_equal(tokens[row, :limit - 1], 5)
-            assert tokens[row, limit - 1] == EOS_ID
-            expected = ((limit - 1) * log_probs[5] + log_probs[EOS_ID]) / length_penalty(limit, 0.6)
-        else:  # cut at the limit without EOS, scored without it
-            np.testing.assert_array_equal(tokens[row, :limit], 5)
-            expected = limit * log_probs[5] / length_penalty(limit, 0.6)
+        # EOS forced at the limit, its log-prob counted
+        np.testing.assert_array_equal(tokens[row, :limit - 1], 5)
+        assert tokens[row, limit - 1] == EOS_ID
+        expected = ((limit - 1) * log_probs[5] + log_probs[EOS_ID]) / length_penalty(limit, 0.6)
         assert scores[row] == pytest.approx(expected, rel=1e-5)
-    if eos_at_limit:  # the reported score is the rescored hypothesis, EOS included
-        np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, 0.6), rtol=1e-5)
+    # the reported score is the rescored hypothesis, EOS included
+    np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, 0.6), rtol=1e-5)
 
 
 def test_a_looping_hypothesis_at_the_limit_pays_for_eos_and_loses_to_a_finished_one():
@@ -310,12 +300,6 @@ def test_a_looping_hypothesis_at_the_limit_pays_for_eos_and_loses_to_a_finished_
     assert (tokens[:, 2:] == PAD_ID).all()
     np.testing.assert_allclose(scores, proper, rtol=1e-5)
     np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, alpha), rtol=1e-5)
-    # The old rule (cut at the limit, no EOS cost) lets the repetition win: what the fairseq rule fixes.
-    old_tokens, old_scores = beam_search(model, params, src, beam_size=4, alpha=alpha, max_extra_len=EXTRA,
-                                         eos_at_limit=False)
-    for row, limit in enumerate(limits):
-        np.testing.assert_array_equal(np.asarray(old_tokens)[row, :limit], 6)
-    np.testing.assert_allclose(old_scores, loop_uncharged, rtol=1e-5)
 
 
 def test_eos_first_gives_an_empty_padded_hypothesis():
@@ -419,13 +403,13 @@ def test_greedy_argmax_takes_the_first_of_tied_maxima_like_numpy():
 
 
 def test_beam_steps_share_cross_attention_and_reorder_only_slot_indices(random_model):
-    """Beam steps (`beams=K`, a `beam_search_cache`, `_reorder_cache` moving only `beam_slots`) give the
+    """Beam steps (K rows per sentence, a `beam_search_cache`, `reorder_beams` moving only `beam_slots`) give the
     log-probs of plain decode steps on B*K rows whose whole cache (and src_mask) is repeated per beam and
     physically gathered by each step's beam origins, the way beam search used to reorder it."""
     model, params = random_model
     src = jnp.asarray(sources([3, 5], 7, RANDOM_CFG.vocab_size))
     encoded = model.apply(params, src, method=Transformer.encode)
-    step = jax.jit(functools.partial(decode._decode_step, model), static_argnames="beams")
+    step = jax.jit(functools.partial(decode._decode_step, model))
     _, first = step(params, init_cache(RANDOM_CFG, 2, 7, 6), encoded, src != PAD_ID, jnp.full((2,), BOS_ID))
     k, rng = 3, np.random.default_rng(0)
 
@@ -438,24 +422,32 @@ def test_beam_steps_share_cross_attention_and_reorder_only_slot_indices(random_m
     for _ in range(4):
         tokens = jnp.asarray(rng.integers(4, RANDOM_CFG.vocab_size, 2 * k))
         expected, plain = step(params, plain, None, jnp.repeat(src != PAD_ID, k, axis=0), tokens)
-        got, shared = step(params, shared, None, src != PAD_ID, tokens, beams=k)
+        got, shared = step(params, shared, None, src != PAD_ID, tokens)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         origin = rng.integers(0, k, (2, k))  # beams swap, die and fork
-        plain, shared = gather_rows(plain, origin), decode._reorder_cache(shared, jnp.asarray(origin))
+        plain, shared = gather_rows(plain, origin), reorder_beams(shared, jnp.asarray(origin))
     layer = shared["decoder_0"]
     assert layer["cross_attention"]["cross_key"].shape[0] == 2  # one per sentence, never repeated
     assert layer["self_attention"]["beam_slots"].shape == (2, k, 6)
     assert layer["self_attention"]["cached_value"].shape == (2, RANDOM_CFG.num_heads, 6 * k, RANDOM_CFG.head_dim_v)
 
 
-def test_compiled_searches_are_reused_for_the_same_shapes(random_model, random_src):
+def test_searches_are_traced_once_per_shape(monkeypatch, random_model, random_src):
     model, params = random_model
-    beam_search(model, params, random_src, alpha=0.6, max_extra_len=EXTRA)
-    before = decode._compiled_beam.cache_info()
-    for alpha in (0.6, 0.9):  # alpha is traced: no new compilation
-        beam_search(model, params, random_src[::-1], alpha=alpha, max_extra_len=EXTRA)
-    after = decode._compiled_beam.cache_info()
-    assert after.misses == before.misses and after.hits == before.hits + 2
+    traces = []
+    for name in ("_beam", "_greedy"):
+        original = getattr(decode, name)
+        monkeypatch.setattr(decode, name, lambda *a, _f=original, _n=name: traces.append(_n) or _f(*a))
+    decode._compiled_beam.cache_clear()
+    decode._compiled_greedy.cache_clear()
+    for alpha in (0.6, 0.9, 0.6):  # alpha is traced, and new source tokens of the same shape reuse the trace
+        beam_search(model, params, random_src[::-1] if alpha > 0.6 else random_src, alpha=alpha, max_extra_len=EXTRA)
+        greedy_search(model, params, random_src, max_extra_len=EXTRA)
+    assert traces == ["_beam", "_greedy"]
+    beam_search(model, params, random_src[:, :-1], max_extra_len=EXTRA)  # a new shape traces again
+    assert traces == ["_beam", "_greedy", "_beam"]
+    decode._compiled_beam.cache_clear()
+    decode._compiled_greedy.cache_clear()
 
 
 def test_bad_arguments_say_what_is_wrong(random_model):

@@ -16,7 +16,8 @@ import pytest
 from jaxformer import checkpoint, cli
 from jaxformer.config import check_lengths, default_config
 from jaxformer.evaluate import bleu_scores, run_evaluation
-from jaxformer.translate import load_translator, translate
+from jaxformer import load as load_translator
+from jaxformer.translate import Translator
 from test_decode import made_up_sentences, trained_copy_model
 
 SENTENCES = made_up_sentences(6, seed=11)
@@ -67,8 +68,10 @@ def test_bleu_scores_gives_the_cased_and_the_lowercased_score():
     info = result.to_json()
     assert info["bleu"] == result.score and info["bleu_lowercase"] == result.lowercased.score
     assert info["signature_lowercase"] == result.lowercased.signature
-    assert result.lines().splitlines() == [result.text, result.signature, result.lowercased.text,
+    assert result.lines().splitlines() == [f"{result.description}: {result.text}", result.signature,
+                                           f"{result.lowercased.description}: {result.lowercased.text}",
                                            result.lowercased.signature]
+    assert info["description"].startswith("cased sacreBLEU") and info["description_lowercase"].startswith("lowercased")
 
 
 def test_evaluate_a_run_averages_its_last_k_by_default(bundle, tmp_path, capsys):
@@ -157,8 +160,8 @@ def test_training_refuses_a_short_position_table_at_start(tmp_path):
 def test_an_output_limit_past_the_position_table_is_capped_with_a_warning(bundle, caplog):
     model, params, tokenizer = bundle  # max_len 64
     with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
-        out = translate(bundle, SENTENCES[:2], max_extra_len=50, batch_size=8)
+        out = Translator(*bundle)(SENTENCES[:2], max_extra_len=50, batch_size=8)
     assert "model.max_len" not in caplog.text  # inputs of a few tokens + 50 fit in 64
     with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
-        assert translate(bundle, SENTENCES[:2], max_extra_len=70, batch_size=8) == out
+        assert Translator(*bundle)(SENTENCES[:2], max_extra_len=70, batch_size=8) == out
     assert "2 of 2 sentences have input + decode.max_extra_len=70 longer than model.max_len=64" in caplog.text

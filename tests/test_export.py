@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxformer import cli, decode, export, translate as translate_lib
+import jaxformer
+from jaxformer import cli, decode
+from jaxformer.io import native
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.config import default_config
 from jaxformer.evaluate import corpus_bleu, evaluate_texts
-from jaxformer.translate import Translator, translate, translate_texts
+from jaxformer.translate import Translator, translate_ids, translate_texts
 from test_decode import made_up_sentences, trained_copy_model
 
 SENTENCES = made_up_sentences(6, seed=11)
@@ -34,26 +37,27 @@ def bundle():
 def exported(bundle, tmp_path_factory):
     model, params, tokenizer = bundle
     out = tmp_path_factory.mktemp("export") / "model"
-    export.export_model(out, model, params, tokenizer, decode={"beam_size": 4, "batch_size": 8},
-                        data={"src_lang": "xx", "tgt_lang": "xx"}, jax_export=export.has_jax_export_support(),
-                        jax_export_src_len=16)
+    config = default_config()
+    config.data.src_lang = config.data.tgt_lang = "xx"
+    translator = Translator(model, params, tokenizer, {"beam_size": 4, "batch_size": 8}, config=config)
+    native.write(translator, out, jax_export=native.has_jax_export_support(), jax_export_src_len=16)
     return out
 
 
-needs_flatbuffers = pytest.mark.skipif(not export.has_jax_export_support(),
+needs_flatbuffers = pytest.mark.skipif(not native.has_jax_export_support(),
                                        reason="jax.export serialization needs the flatbuffers package")
 
 
 def test_export_writes_a_self_contained_directory(exported, bundle):
     model, params, _ = bundle
     files = {"config.json", "params.safetensors", "vocab.model"}
-    if export.has_jax_export_support():
+    if native.has_jax_export_support():
         files.add("translate.jax_export")
     assert {p.name for p in exported.iterdir()} == files
     meta = json.loads((exported / "config.json").read_text())
     assert meta["model"] == model.config.to_dict()
     assert meta["decode"] == {"beam_size": 4, "length_penalty": 0.6, "max_extra_len": 50, "batch_size": 8}
-    if export.has_jax_export_support():
+    if native.has_jax_export_support():
         assert meta["jax_export"]["src_shape"] == ["batch", 16] and meta["jax_export"]["output_shape"] == ["batch", 64]
         assert meta["jax_export"]["function"] == "beam_search" and meta["jax_export"]["beam_size"] == 4
     arrays = load_file(str(exported / "params.safetensors"))
@@ -63,7 +67,7 @@ def test_export_writes_a_self_contained_directory(exported, bundle):
 
 def test_load_gives_identical_logits_and_translations(exported, bundle):
     model, params, tokenizer = bundle
-    model2, params2, tokenizer2 = export.load(exported)
+    model2, params2, tokenizer2 = jaxformer.load(exported)
     assert model2.config == model.config and tokenizer2.vocab_size == tokenizer.vocab_size
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -77,36 +81,47 @@ def test_load_gives_identical_logits_and_translations(exported, bundle):
 @needs_flatbuffers
 def test_jax_export_artifact_runs_the_search_for_any_batch_size(exported, bundle):
     model, params, tokenizer = bundle
-    fn = export.load_jax_export(exported)  # beam search, beam 4, alpha 0.6: the export's decode settings
+    fn = native.load_jax_export(exported)  # beam search, beam 4, alpha 0.6: the export's decode settings
     src = np.zeros((8, 16), np.int32)
     for row, ids in enumerate(tokenizer.encode(SENTENCES)):
         src[row, :len(ids) + 1] = ids + [EOS_ID]
     expected = np.asarray(decode.beam_search(model, params, src, beam_size=4, alpha=0.6)[0])
-    loaded = export.load(exported)[1]
+    loaded = jaxformer.load(exported).params
     np.testing.assert_array_equal(fn(loaded, jnp.asarray(src)), expected)
     np.testing.assert_array_equal(fn(loaded, jnp.asarray(src[:3])), expected[:3])
 
 
 def test_load_explains_what_is_wrong(tmp_path, exported):
-    with pytest.raises(export.ExportError, match="not an exported model"):
-        export.load(tmp_path)
+    with pytest.raises(native.ExportError, match="not an exported model"):
+        native.read(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither an exported model"):
-        translate_lib.load_translator(tmp_path)
+        jaxformer.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        translate_lib.load_translator(tmp_path / "nowhere")
+        jaxformer.load(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="only to a training workdir"):
-        translate_lib.load_translator(exported, average_last=5)
+        jaxformer.load(exported, average_last=5)
+    (tmp_path / "params.safetensors").write_bytes((exported / "params.safetensors").read_bytes()[:100])
+    (tmp_path / "config.json").write_text((exported / "config.json").read_text())
+    (tmp_path / "vocab.model").write_bytes((exported / "vocab.model").read_bytes())
+    with pytest.raises(native.ExportError, match="params.safetensors is unreadable"):  # truncated
+        jaxformer.load(tmp_path)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(native.ExportError, match="not an export directory"):  # nothing is overwritten
+        native.write(jaxformer.load(exported), occupied)
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
 
 
 def test_translate_copies_and_keeps_the_input_order(bundle):
     translator = Translator(*bundle)
     sentences = made_up_sentences(20, seed=3)  # several lengths: sorted into batches, then put back in order
-    outputs = translate(translator, sentences, batch_size=8)
+    outputs = translator(sentences, batch_size=8)
     assert len(outputs) == 20
     assert sum(o == s for o, s in zip(outputs, sentences)) >= 18
-    one_by_one = [translate(bundle, s, batch_size=8) for s in sentences[:3]]  # a str in, a str out
+    one_by_one = [translator(s, batch_size=8) for s in sentences[:3]]  # a str in, a str out
     assert one_by_one == outputs[:3]
-    greedy = translate(translator, sentences, beam_size=1, batch_size=8)
+    greedy = translator(sentences, beam_size=1, batch_size=8)
     assert sum(o == s for o, s in zip(greedy, sentences)) >= 18
 
 
@@ -117,7 +132,7 @@ def test_translate_splits_each_batch_over_the_devices_with_the_same_result(bundl
     assert jax.local_device_count() == 4
     model, params, tokenizer = bundle
     sources = tokenizer.encode(made_up_sentences(7, seed=5))
-    split = {beam: translate_lib.translate_ids(model, params, sources, beam_size=beam, batch_size=8)
+    split = {beam: translate_ids(model, params, sources, beam_size=beam, batch_size=8)
              for beam in (1, 4)}
     src_len = max(len(ids) for ids in sources) + 1
     src = np.full((len(sources), src_len), PAD_ID, np.int32)
@@ -136,9 +151,10 @@ def test_translate_empty_inputs_without_running_the_model(bundle, monkeypatch):
         raise AssertionError("the model should not run")
     monkeypatch.setattr(decode, "greedy_search", fail)
     monkeypatch.setattr(decode, "beam_search", fail)
-    assert translate(bundle, []) == []
-    assert translate(bundle, ["", "   "]) == ["", ""]
-    assert translate(bundle, "") == ""
+    translator = Translator(*bundle)
+    assert translator([]) == []
+    assert translator(["", "   "]) == ["", ""]
+    assert translator("") == ""
 
 
 def test_translate_truncates_over_long_input_with_a_warning(bundle, caplog):
@@ -146,10 +162,10 @@ def test_translate_truncates_over_long_input_with_a_warning(bundle, caplog):
     long = " ".join(["a"] * 100)  # 100 tokens: more than max_len - 1 = 63
     assert len(tokenizer.encode([long])[0]) == 100
     with caplog.at_level(logging.WARNING, logger="jaxformer.translate"):
-        out = translate(bundle, [long, SENTENCES[0]], batch_size=8)
+        out = Translator(*bundle)([long, SENTENCES[0]], batch_size=8)
     assert "sentence 0 has 100 tokens" in caplog.text and "first 63 tokens" in caplog.text
     assert len(tokenizer.encode([out[0]])[0]) <= model.config.max_len
-    assert out[1] == translate(bundle, [SENTENCES[0]], batch_size=8)[0]
+    assert out[1] == Translator(*bundle)([SENTENCES[0]], batch_size=8)[0]
 
 
 def test_translator_unpacks_and_rejects_bad_options(bundle):
@@ -160,8 +176,6 @@ def test_translator_unpacks_and_rejects_bad_options(bundle):
         translate_texts(model, params, tokenizer, ["a"], beam=3)
     with pytest.raises(ValueError, match="beam_size must be >= 1"):
         translator(["a"], beam_size=0)
-    with pytest.raises(TypeError, match="Translator"):
-        translate(42, ["a"])
 
 
 def test_bleu_of_identical_text_is_100_with_the_sacrebleu_signature(bundle):
@@ -174,8 +188,8 @@ def test_bleu_of_identical_text_is_100_with_the_sacrebleu_signature(bundle):
         corpus_bleu(refs, refs[:1])
     # Through the model: the copy model "translates" into its input, so sources as references score 100.
     sentences = made_up_sentences(8, seed=5)
-    result = evaluate_texts(bundle, sentences, sentences, batch_size=8)
-    assert result.hypotheses == translate(bundle, sentences, batch_size=8)
+    result = evaluate_texts(Translator(*bundle), sentences, sentences, batch_size=8)
+    assert result.hypotheses == Translator(*bundle)(sentences, batch_size=8)
     assert result.score == corpus_bleu(result.hypotheses, sentences).score > 80
 
 
@@ -184,14 +198,14 @@ def test_cli_translate_evaluate_and_plot(exported, tmp_path, monkeypatch, capsys
     src.write_text("".join(s + "\n" for s in SENTENCES))
     out = tmp_path / "out.txt"
     assert cli.main(["translate", "--model", str(exported), "--input", str(src), "--output", str(out)]) == 0
-    expected = translate(str(exported), SENTENCES)
+    loaded = jaxformer.load(exported)
+    expected = loaded(SENTENCES)
     assert out.read_text().splitlines() == expected
 
     monkeypatch.setattr("sys.stdin", io.StringIO(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n"))
     assert cli.main(["translate", "--model", str(exported), "--beam-size", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [translate(str(exported), SENTENCES[0], beam_size=1), "",
-                     translate(str(exported), SENTENCES[1], beam_size=1)]
+    assert lines == [loaded(SENTENCES[0], beam_size=1), "", loaded(SENTENCES[1], beam_size=1)]
 
     assert cli.main(["evaluate", "--model", str(exported), "--src", str(src), "--ref", str(out),
                      "--out", str(tmp_path / "eval")]) == 0
@@ -251,7 +265,7 @@ def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp
 
     out = tmp_path / "exported"
     assert cli.main(["export", "--workdir", str(workdir), "--average-last", "2", "--out", str(out)]) == 0
-    _, loaded, _ = export.load(out)
+    _, loaded, _ = jaxformer.load(out)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     meta = json.loads((out / "config.json").read_text())
@@ -264,7 +278,13 @@ def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp
     info = json.loads((tmp_path / "eval" / "bleu.json").read_text())
     assert info["num_sentences"] == len(SENTENCES) and info["bleu"] > 80
     assert "split 'test'" in info["test_set"] and "tok:char" in info["signature"]  # the run's BLEU tokenizer
-    # a data.* override on the command line: the test set is read from elsewhere
-    assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2", "--limit", "2",
-                     "--data.test_files", str(tmp_path / "test"), "--out", str(tmp_path / "eval2")]) == 0
-    assert json.loads((tmp_path / "eval2" / "bleu.json").read_text())["num_sentences"] == 2
+    # a data.* override on the command line, spelled as train.py spells it: the test set is read from elsewhere
+    (tmp_path / "other.xx").write_text("".join(s + "\n" for s in SENTENCES[:3]))
+    (tmp_path / "other.yy").write_text("".join(s + "\n" for s in SENTENCES[:3]))
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2",
+                     f"--config.data.test_files={tmp_path / 'other'}", "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "bleu.json").read_text())["num_sentences"] == 3
+    # without --out the scores are printed and the files go into the run
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2", "--limit", "2"]) == 0
+    assert "BLEU = " in capsys.readouterr().out
+    assert json.loads((workdir / "evaluation" / "test" / "bleu.json").read_text())["num_sentences"] == 2

@@ -1,15 +1,17 @@
 """The model: paper numbers, masks, cached decoding, dropout and config errors."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import model as model_lib
-from jaxformer.model import (Transformer, TransformerConfig, choose_attention_impl, count_params, init_cache,
-                             init_params, sinusoidal_positions)
+from jaxformer import attention, ops
+from jaxformer.attention import choose_attention_impl
+from jaxformer.decode import init_cache
+from jaxformer.model import Transformer, TransformerConfig, count_params, init_params, sinusoidal_positions
 
 TINY = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=2,
                          num_decoder_layers=2, max_len=32)
@@ -27,8 +29,11 @@ def tiny():
 def test_parameter_counts_match_the_paper():
     # The paper's Table 3 rounds these to 65M (base) and 213M (big) at a 37k shared vocabulary.
     base, big = n_params(TransformerConfig.base(37000)), n_params(TransformerConfig.big(37000))
-    assert base == 63_082_496 and round(base / 1e6, 1) == 63.1
-    assert big == 214_245_376 and round(big / 1e6, 1) == 214.2
+    assert base == 63_045_632 and round(base / 1e6, 1) == 63.0
+    assert big == 214_171_648 and round(big / 1e6, 1) == 214.2
+    # model.attention_bias (not the paper's; what runs saved before the option have): 4 bias vectors of
+    # d_model per attention, 3 attentions per layer pair (encoder self, decoder self and cross)
+    assert n_params(TransformerConfig.base(37000, attention_bias=True)) == base + 4 * 512 * 3 * 6
 
 
 def test_untying_embeddings_adds_one_vocab_matrix_each():
@@ -44,9 +49,9 @@ def test_table3_variants_change_the_counts_as_expected():
     cfg = TransformerConfig.base(1000)
     # Row E: learned positions add a max_len x d_model table to each stack.
     assert n_params(dataclasses.replace(cfg, positional="learned")) == n_params(cfg) + 2 * cfg.max_len * 512
-    # Row B: d_k=16 shrinks the query and key projections (kernels and biases) of the 18 attention blocks.
+    # Row B: d_k=16 shrinks the query and key projections of the 18 attention blocks.
     smaller = n_params(dataclasses.replace(cfg, d_k=16))
-    assert n_params(cfg) - smaller == 18 * 2 * (512 * 8 * (64 - 16) + 8 * (64 - 16))
+    assert n_params(cfg) - smaller == 18 * 2 * 512 * 8 * (64 - 16)
 
 
 def test_sinusoidal_positions_follow_the_formula():
@@ -56,6 +61,38 @@ def test_sinusoidal_positions_follow_the_formula():
     np.testing.assert_allclose(table[pos, 2 * i + 1], np.cos(pos / 10000 ** (2 * i / 16)), rtol=1e-6)
     np.testing.assert_array_equal(table[0, 0::2], 0.0)
     np.testing.assert_array_equal(table[0, 1::2], 1.0)
+    halves = sinusoidal_positions(50, 16, "halves")  # Marian's layout: the same table, sines first
+    np.testing.assert_array_equal(halves, np.concatenate([table[:, 0::2], table[:, 1::2]], axis=1))
+
+
+@pytest.mark.parametrize("activation, reference", [
+    ("relu", lambda x: np.maximum(x, 0.0)),
+    ("swish", lambda x: x / (1.0 + np.exp(-x))),
+    ("gelu", lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))),
+])
+def test_ffn_activation_is_the_named_function(activation, reference):
+    from jaxformer.model import FeedForward
+
+    cfg = dataclasses.replace(TINY, activation=activation)
+    x = jax.random.normal(jax.random.key(0), (2, 3, cfg.d_model))
+    ffn = FeedForward(cfg)
+    p = ffn.init(jax.random.key(1), x)["params"]
+    hidden = np.asarray(x) @ np.asarray(p["wi"]["kernel"]) + np.asarray(p["wi"]["bias"])
+    expected = reference(hidden) @ np.asarray(p["wo"]["kernel"]) + np.asarray(p["wo"]["bias"])
+    np.testing.assert_allclose(ffn.apply({"params": p}, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_marian_options_add_their_parameters_and_change_the_output():
+    cfg = dataclasses.replace(TINY, attention_bias=True, logits_bias=True, layer_norm_epsilon=1e-5)
+    params = init_params(cfg, jax.random.key(0))["params"]
+    assert params["final_logits_bias"].shape == (cfg.vocab_size,)
+    assert params["decoder_0"]["cross_attention"]["out"]["bias"].shape == (cfg.d_model,)
+    assert "bias" not in init_params(TINY, jax.random.key(0))["params"]["encoder_0"]["self_attention"]["query"]
+    src, tgt = jnp.array([[5, 6, 7, 3]]), jnp.array([[2, 9, 10, 11]])
+    bias = jnp.arange(cfg.vocab_size, dtype=jnp.float32)
+    plain = Transformer(cfg).apply({"params": params}, src, tgt)
+    shifted = Transformer(cfg).apply({"params": {**params, "final_logits_bias": bias}}, src, tgt)
+    np.testing.assert_allclose(shifted - plain, jnp.broadcast_to(bias, plain.shape), rtol=1e-5, atol=1e-4)
 
 
 def test_source_padding_does_not_change_outputs(tiny):
@@ -101,12 +138,6 @@ def test_cached_decoding_matches_the_full_decoder(tiny):
         np.testing.assert_array_equal(value, cross_after_first[name])
 
 
-def test_jit_apply_matches_eager(tiny):
-    model, params = tiny
-    src, tgt = jnp.array([[5, 6, 3]]), jnp.array([[2, 7, 8]])
-    np.testing.assert_allclose(jax.jit(model.apply)(params, src, tgt), model.apply(params, src, tgt), atol=1e-5)
-
-
 def test_dropout_is_reproducible_and_off_when_deterministic(tiny):
     model, params = tiny
     src, tgt = jnp.array([[5, 6, 7, 3]]), jnp.array([[2, 9, 10, 11]])
@@ -120,7 +151,7 @@ def test_dropout_is_reproducible_and_off_when_deterministic(tiny):
 
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_dropout_masks_keep_each_value_independently_with_probability_one_minus_rate(rate):
-    keep, keep_prob = model_lib.dropout_keep_mask(jax.random.key(0), rate, (256, 64, 63))  # odd last axis
+    keep, keep_prob = ops.dropout_keep_mask(jax.random.key(0), rate, (256, 64, 63))  # odd last axis
     keep = np.asarray(keep)
     assert keep.shape == (256, 64, 63) and abs(keep_prob - (1 - rate)) <= 2.0 ** -17
     assert abs(keep.mean() - keep_prob) < 0.003
@@ -129,13 +160,13 @@ def test_dropout_masks_keep_each_value_independently_with_probability_one_minus_
     assert abs(both_dropped - rate ** 2) < 0.003
     # rows differ, and kept values are scaled so that the mean is kept
     assert (keep[0] != keep[1]).any()
-    out = model_lib.dropout(jnp.ones((256, 64, 64)), rate, jax.random.key(1))
+    out = ops.dropout(jnp.ones((256, 64, 64)), rate, jax.random.key(1))
     assert set(np.unique(np.asarray(out))) <= {0.0, np.float32(1 / keep_prob)}
     assert abs(float(out.mean()) - 1.0) < 0.01
 
 
 def test_dropout_of_everything_gives_zeros_and_zero_gradients():
-    drop_all = lambda x: model_lib.dropout(x, 1.0, jax.random.key(0)).sum()  # noqa: E731
+    drop_all = lambda x: ops.dropout(x, 1.0, jax.random.key(0)).sum()  # noqa: E731
     x = jnp.ones((3, 5))
     assert float(drop_all(x)) == 0.0
     np.testing.assert_array_equal(jax.grad(drop_all)(x), np.zeros((3, 5)))
@@ -203,7 +234,7 @@ def test_output_projection_gradients_equal_the_plain_product(dtype):
         return jnp.einsum("btd,dv->btv", y.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
 
     def projected(y, kernel):
-        return model_lib.output_logits(y, kernel, dtype)
+        return ops.output_logits(y, kernel, dtype)
 
     for fn in (plain, projected):
         assert fn(y, kernel).dtype == jnp.float32
@@ -251,9 +282,9 @@ def test_cudnn_sequence_lengths_restate_the_padding_masks(monkeypatch, caplog):
         calls.append((implementation, kw.get("mask") is None, kw.get("is_causal", False)))
         return real_attention(*args, implementation="xla" if implementation == "cudnn" else implementation, **kw)
 
-    monkeypatch.setattr(model_lib, "accelerator_platform", lambda: "cuda")
+    monkeypatch.setattr(attention, "accelerator_platform", lambda: "cuda")
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
-    with caplog.at_level("INFO", logger="jaxformer.model"):
+    with caplog.at_level("INFO", logger="jaxformer.attention"):
         structured = Transformer(cfg).apply(params, src, tgt)
     assert calls and all(impl == "cudnn" and no_mask for impl, no_mask, _ in calls)
     assert sum(causal for *_, causal in calls) == cfg.num_decoder_layers

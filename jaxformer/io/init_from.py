@@ -30,15 +30,15 @@ def _source(config) -> str:
 
 
 def _export_meta(path: str) -> dict:
-    from jaxformer import export
+    from jaxformer.io import native
 
     if not pathlib.Path(path).exists():
         raise ValueError(f"train.init_from={path}: no such directory")
-    if not export.is_export_dir(path):
+    if not native.is_export_dir(path):
         raise ValueError(f"train.init_from={path} is not a jaxformer export directory (config.json + "
                          f"params.safetensors); export a run with `jaxformer export`, or import a Marian model with "
                          f"`jaxformer import-marian`")
-    return export.load_export_config(path)
+    return native.load_export_config(path)
 
 
 def resolve_config(config):
@@ -76,13 +76,13 @@ def resolve_config(config):
 def run_tokenizer(config, workdir: str | os.PathLike, *, is_chief: bool = True):
     """The vocabulary of `train.init_from`, kept in the workdir by the chief process (a workdir that already
     holds another vocabulary is an error: it belongs to another run)."""
-    from jaxformer import export
     from jaxformer.data import load_vocabulary, run_vocabulary, vocabulary_filename
+    from jaxformer.io import native
 
     path = _source(config)
     meta = _export_meta(path)
     kind = meta.get("vocab_kind", "sentencepiece")
-    tokenizer = load_vocabulary(str(pathlib.Path(path) / meta.get("files", {}).get("vocab", export.VOCAB_FILE)),
+    tokenizer = load_vocabulary(str(pathlib.Path(path) / meta.get("files", {}).get("vocab", native.VOCAB_FILE)),
                                 kind)
     kept = run_vocabulary(str(workdir))
     if kept is not None:
@@ -97,10 +97,10 @@ def run_tokenizer(config, workdir: str | os.PathLike, *, is_chief: bool = True):
 
 def initial_params(config, model_config):
     """The export's {"params": ...}, checked to be the model `model_config` describes."""
-    from jaxformer import export
+    from jaxformer.io import native
 
     path = _source(config)
-    model, params, _ = export.load(path)
+    model, params, _ = native.read(path)
     theirs = {k: v for k, v in model.config.to_dict().items() if k not in TRAINING_KEYS}
     mine = {k: v for k, v in model_config.to_dict().items() if k not in TRAINING_KEYS}
     if theirs != mine:

@@ -23,8 +23,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
-import uuid
 from typing import Any, Mapping
 
 import numpy as np
@@ -193,19 +191,12 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ mapping
 
-def _sinusoids_halves(length: int, d_model: int) -> np.ndarray:
-    from jaxformer.io.marian_layout import feature_order
-    from jaxformer.model import sinusoidal_positions
-
-    return sinusoidal_positions(length, d_model)[:, feature_order(d_model, "interleaved")]
-
-
 def marian_params(config, weights: Mapping[str, np.ndarray], vocab: MarianVocab, where: pathlib.Path) -> dict:
     """jaxformer's {"params": ...} tree (numpy) from a Marian state dict, every key accounted for."""
     import jax
     from flax import traverse_util
 
-    from jaxformer.model import init_params
+    from jaxformer.model import init_params, sinusoidal_positions
 
     expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
         jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"], sep="/").items()}
@@ -242,7 +233,7 @@ def marian_params(config, weights: Mapping[str, np.ndarray], vocab: MarianVocab,
     flat["final_logits_bias"] = ids.rows_to_ours(bias[0])
     for key in POSITION_KEYS:  # not needed (static), but a file whose positions are not Marian's is refused
         if key in weights:
-            table = _sinusoids_halves(config.max_len, config.d_model)
+            table = sinusoidal_positions(config.max_len, config.d_model, "halves")
             if weights[key].shape != table.shape or float(np.max(np.abs(weights[key] - table))) > 1e-4:
                 raise MarianFormatError(f"{where}: {key} is not Marian's sinusoid table for max_position_embeddings="
                                         f"{config.max_len}, d_model={config.d_model}; learned positions are not "
@@ -288,22 +279,19 @@ def read_marian(source: str | os.PathLike):
 
 def import_marian(source: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write the jaxformer export directory `out_dir` (new, or an empty folder) of a Marian model."""
-    from jaxformer.export import export_model
+    from jaxformer.config import default_config
+    from jaxformer.io import native
+    from jaxformer.model import Transformer
+    from jaxformer.translate import Translator
 
     out = pathlib.Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MarianFormatError(f"{out} exists and is not an empty folder; choose a new --out")
     config, params, vocab, decode, languages = read_marian(source)
-    data = {"src_lang": languages[0], "tgt_lang": languages[1]} if all(languages) else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{uuid.uuid4().hex[:8]}"
-    try:
-        export_model(tmp, config, params, vocab, decode=decode, data=data)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    run_config = default_config()  # what the export keeps for `jaxformer evaluate`: the languages
+    run_config.data.src_lang, run_config.data.tgt_lang = (lang or "" for lang in languages)
+    translator = Translator(Transformer(config), params, vocab, decode, str(source), config=run_config)
+    native.write(translator, out)  # into a temporary folder, renamed at the end
     log.info("imported %s: %d+%d layers, d_model %d, vocabulary %d (+ PAD) -> %s", source, config.num_encoder_layers,
              config.num_decoder_layers, config.d_model, vocab.ids.marian_size, out)
     return out

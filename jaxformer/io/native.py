@@ -1,4 +1,4 @@
-"""A trained model as a self-contained directory, and back in one call.
+"""The jaxformer export directory: a trained model, self-contained.
 
     out_dir/
       config.json                  {"format": "jaxformer-export", "version": 1, "model": TransformerConfig,
@@ -12,8 +12,9 @@
                                    alpha), for any batch size and a fixed source length S:
                                    f({"params": ...}, src int32 [B, S]) -> tokens int32 [B, L]
 
-`load(out_dir)` gives `(model, params, tokenizer)`, ready for `model.apply(params, src, tgt_in)`,
-`jaxformer.decode` and `jaxformer.translate`.
+`write(translator, out_dir)` writes one (to a temporary directory, renamed at the end); `read(out_dir)`
+gives the `Translator` back (through `jaxformer.load`). A config.json saved before a model option existed
+reads with the value that option had then (`jaxformer.config.LEGACY_MODEL_VALUES`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -29,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxformer.model import Transformer, TransformerConfig
-
-__all__ = ["export_model", "load", "load_export_config", "load_jax_export", "is_export_dir", "has_jax_export_support",
-           "CONFIG_FILE", "PARAMS_FILE", "VOCAB_FILE", "JAX_EXPORT_FILE", "FORMAT"]
+from jaxformer.config import decode_settings, saved_model_values
+from jaxformer.model import Transformer, TransformerConfig, init_params
+from jaxformer.translate import Translator
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +62,18 @@ def _plain(value):
     return value
 
 
-def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer, *, jax_export: bool = False,
-                 decode: Mapping | None = None, data: Mapping | None = None, bleu_tokenize: str | None = None,
-                 jax_export_src_len: int = 64, jax_export_platforms: Sequence[str] | None = None,
-                 ) -> pathlib.Path:
-    """Write `out_dir` (created if needed; existing export files are replaced).
+def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: bool = False,
+          jax_export_src_len: int = 64, jax_export_platforms: Sequence[str] | None = None) -> pathlib.Path:
+    """Write `translator` as an export directory `out_dir`, replacing an export already there.
 
-    `decode` (e.g. `config.decode`) becomes the directory's default search settings; `data` (e.g.
-    `config.data`) and `bleu_tokenize` (`config.train.bleu_tokenize`) are kept for `jaxformer evaluate`. With `jax_export=True` a
-    `jax.export` artifact of the decode settings' search is written too, for sources padded to
-    `jax_export_src_len` (any batch size), lowered for `jax_export_platforms` (default: the current
-    backend; e.g. ("cpu", "cuda") for both).
+    Its decode settings become the directory's defaults, and the data section and BLEU tokenizer of its
+    config are kept for `jaxformer evaluate`. With `jax_export=True` a `jax.export` artifact of the decode
+    settings' search is written too, for sources padded to `jax_export_src_len` (any batch size), lowered
+    for `jax_export_platforms` (default: the current backend; e.g. ("cpu", "cuda") for both).
     """
     from safetensors.numpy import save_file
 
-    config = model_or_config.config if isinstance(model_or_config, Transformer) else model_or_config
-    if not isinstance(config, TransformerConfig):
-        raise TypeError(f"model_or_config must be a Transformer or TransformerConfig, got {type(config).__name__}")
+    config, params, tokenizer = translator.model.config, translator.params, translator.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise ExportError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                           f"{config.vocab_size}: they do not belong together")
@@ -85,35 +81,35 @@ def export_model(out_dir: str | os.PathLike, model_or_config, params, tokenizer,
         raise ExportError("jax_export=True needs the 'flatbuffers' package (jax.export serializes with it): "
                           "pip install flatbuffers")
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not is_export_dir(out):
+        raise ExportError(f"{out} exists and is not an export directory; choose a new or empty --out")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     vocab_kind, vocab_name = _vocabulary_kind(tokenizer)
     version = 1 if vocab_kind == "sentencepiece" else VERSION  # older readers refuse a vocabulary they lack by it
     tree = params["params"] if "params" in params else params
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
-    save_file(arrays, str(out / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
-    tokenizer.save(str(out / vocab_name))
-
-    from jaxformer.config import decode_settings as checked_decode_settings
-
-    decode_settings = checked_decode_settings(_plain(decode or {}))
+    save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
+    tokenizer.save(str(tmp / vocab_name))
+    settings = decode_settings(translator.decode)
     meta: dict[str, Any] = {
-        "format": FORMAT, "version": version, "model": config.to_dict(), "decode": decode_settings,
+        "format": FORMAT, "version": version, "model": config.to_dict(), "decode": settings,
         "files": {"params": PARAMS_FILE, "vocab": vocab_name},
     }
     if vocab_kind != "sentencepiece":
         meta["vocab_kind"] = vocab_kind
-    if data is not None:
-        meta["data"] = _plain(data)
-    if bleu_tokenize:
-        meta["bleu_tokenize"] = str(bleu_tokenize)
+    if translator.config is not None:
+        meta["data"] = _plain(translator.config.data)
+        if translator.config.train.get("bleu_tokenize"):
+            meta["bleu_tokenize"] = str(translator.config.train.bleu_tokenize)
     if jax_export:
-        meta["jax_export"] = _write_jax_export(out, config, {"params": tree}, decode_settings,
+        meta["jax_export"] = _write_jax_export(tmp, config, {"params": tree}, settings,
                                                int(jax_export_src_len), jax_export_platforms)
         meta["files"]["jax_export"] = JAX_EXPORT_FILE
-    tmp = out / f"{CONFIG_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _replace_dir(tmp, out)
     log.info("exported %s (%d parameter arrays)", out, len(arrays))
     return out
 
@@ -124,6 +120,17 @@ def _vocabulary_kind(tokenizer) -> tuple[str, str]:
 
     kind = getattr(tokenizer, "kind", "sentencepiece")
     return kind, vocabulary_filename(kind)
+
+
+def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
+    """Put the finished directory `new` at `out`; an older one there is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def has_jax_export_support() -> bool:
@@ -158,7 +165,7 @@ def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, d
     (out / JAX_EXPORT_FILE).write_bytes(exported.serialize())
     return {**search, "src_shape": ["batch", src_len], "output_shape": ["batch", buffer_len],
             "max_extra_len": max_extra_len, "platforms": list(exported.platforms),
-            "call": "jaxformer.export.load_jax_export(dir)({'params': params}, src) -> tokens"}
+            "call": "jaxformer.io.native.load_jax_export(dir)({'params': params}, src) -> tokens"}
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -178,17 +185,18 @@ def load_export_config(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise ExportError(f"{config_file} is not valid JSON: {e}") from e
     if meta.get("format") != FORMAT or "model" not in meta:
-        raise ExportError(f"{config_file} is not a jaxformer export (format {meta.get('format')!r}); "
-                          f"a training workdir is loaded with jaxformer.checkpoint.load_model")
+        raise ExportError(f"{config_file} is not a jaxformer export (format {meta.get('format')!r})")
     if int(meta.get("version", 0)) > VERSION:
         raise ExportError(f"{config_file} has export version {meta['version']}; this jaxformer reads up to {VERSION}")
     return meta
 
 
-def load(path: str | os.PathLike):
-    """(model, params, tokenizer) from an export directory; params is {"params": ...} of float arrays."""
+def read(path: str | os.PathLike) -> Translator:
+    """The `Translator` of an export directory; its params are {"params": ...} of float arrays."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from jaxformer.config import default_config
     from jaxformer.data import load_vocabulary
 
     path = pathlib.Path(path)
@@ -198,20 +206,28 @@ def load(path: str | os.PathLike):
     for f in (params_file, vocab_file):
         if not f.exists():
             raise ExportError(f"{f} is missing: the export directory {path} is incomplete")
-    config = TransformerConfig.from_dict(meta["model"])
+    config = TransformerConfig.from_dict(saved_model_values(meta["model"]))
     tokenizer = load_vocabulary(str(vocab_file), meta.get("vocab_kind", "sentencepiece"))
     if tokenizer.vocab_size != config.vocab_size:
         raise ExportError(f"{vocab_file} has {tokenizer.vocab_size} pieces but the model expects "
                           f"{config.vocab_size}")
-    flat = load_file(str(params_file))
+    try:
+        flat = load_file(str(params_file))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{params_file} is unreadable ({e}); export the model again") from None
     tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
     _check_params(config, tree, params_file)
-    return Transformer(config), {"params": tree}, tokenizer
+    run_config = default_config()  # what the export kept of its run: data files and languages, BLEU tokenizer
+    for key, value in (meta.get("data") or {}).items():
+        if key in run_config.data:
+            run_config.data[key] = tuple(value) if isinstance(run_config.data[key], tuple) else value
+    if meta.get("bleu_tokenize"):
+        run_config.train.bleu_tokenize = meta["bleu_tokenize"]
+    return Translator(Transformer(config), {"params": tree}, tokenizer, meta.get("decode", {}), str(path),
+                      config=run_config)
 
 
 def _check_params(config: TransformerConfig, tree, params_file) -> None:
-    from jaxformer.model import init_params
-
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]
     want = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
     got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}

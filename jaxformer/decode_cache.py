@@ -1,0 +1,144 @@
+"""The decoder's key/value caches for one-token-at-a-time decoding, behind two calls.
+
+`MultiHeadAttention` in decode mode hands its projected query (and its key/value projections) to
+`self_attention_step` or `cross_attention_step` and gets the attention output back; what the cache holds,
+and how beams share it, is decided here, so no layer of the model knows about beams.
+
+* Keys and values are stored head-major, [B,H,S,d], so that each step's two (batched matrix-vector)
+  products read them in place (a [B,S,H,d] cache made XLA transpose it on every step).
+* Cross-attention keys/values are computed on the first step (when the encoder output is given) and read
+  from the cache afterwards. They are stored once per sentence: in beam search the K beams of a sentence
+  (K consecutive query rows) read them in one product, as extra query positions.
+* Beam search's self-attention cache (`beam_search_cache`) gives every position K slots, written once and
+  never moved; a small [B,K,L] index `beam_slots` says which slot holds each earlier position of each
+  beam, and is all that follows the beams when they are reordered (`reorder_beams`). Copying the whole
+  cache by beam origin each step cost more than the step's attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.attention import _MASKED, attend_head_major
+
+
+def _head_major(x):
+    """[B,T,H,d] -> [B,H,T,d]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def cross_attention_step(mod, query, memory, project_keys_values, mask):
+    """Cross-attention of one decode step. query [N,1,H,K] with N = B or B·beams; memory [B,S,D] on the
+    first step (its keys/values are computed and cached), None afterwards; mask [B,1,1,S]."""
+    initializing = not mod.has_variable("cache", "cross_key")
+    if memory is not None:
+        key, value = (_head_major(a) for a in project_keys_values(memory))
+    cached_key = mod.variable("cache", "cross_key", lambda: jnp.zeros_like(key))
+    cached_value = mod.variable("cache", "cross_value", lambda: jnp.zeros_like(value))
+    if memory is not None:
+        if not initializing:
+            cached_key.value, cached_value.value = key, value
+    else:
+        key, value = cached_key.value, cached_value.value
+    sentences, rows = key.shape[0], query.shape[0]
+    if rows != sentences:  # the beams of a sentence become extra query positions against its keys
+        query = query.reshape((sentences, (rows // sentences) * query.shape[1]) + query.shape[2:])
+    out = attend_head_major(query, key, value, mask)
+    return out.reshape((rows, out.shape[1] * sentences // rows) + out.shape[2:])
+
+
+def self_attention_step(mod, query, key, value):
+    """Causal self-attention of one decode step: append this step's key/value [N,1,H,d] to the cache and
+    attend to positions 0..step. On init (query [B,L,...]) the cache is made for L positions."""
+    if mod.has_variable("cache", "beam_slots"):
+        return _beam_self_attention_step(mod, query, key, value)
+    initializing = not mod.has_variable("cache", "cached_key")
+    cached_key = mod.variable("cache", "cached_key", lambda: jnp.zeros_like(_head_major(key)))
+    cached_value = mod.variable("cache", "cached_value", lambda: jnp.zeros_like(_head_major(value)))
+    cache_index = mod.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if initializing:
+        return attend_head_major(query, _head_major(key), _head_major(value))
+    if query.shape[1] != 1:
+        raise ValueError(f"decode mode takes one token per step, got a length of {query.shape[1]}")
+    index = cache_index.value
+    keys = jax.lax.dynamic_update_slice(cached_key.value, _head_major(key), (0, 0, index, 0))
+    values = jax.lax.dynamic_update_slice(cached_value.value, _head_major(value), (0, 0, index, 0))
+    cached_key.value, cached_value.value, cache_index.value = keys, values, index + 1
+    seen = (jnp.arange(keys.shape[2]) <= index)[None, None, None, :]  # the new query sees positions 0..index
+    return attend_head_major(query, keys, values, seen)
+
+
+def _beam_self_attention_step(mod, query, key, value):
+    """One beam-search step of self-attention against the slot cache, without moving keys or values.
+
+    Slot k of position t holds the key/value of the beam that sat in row k when it was fed at step t.
+    Each beam's query scores every slot of its sentence at once ([K, d] x [d, L*K] per sentence and head,
+    keys stored [B,H,d,L*K] and values [B,H,L*K,d_v], the layouts the two products read without a
+    transpose) and keeps, per position, the slot of its own history. query/key/value [B*K,1,H,d].
+    """
+    slots = mod.variable("cache", "beam_slots", jnp.zeros, (), jnp.int32)
+    cached_key = mod.variable("cache", "cached_key", jnp.zeros, (), key.dtype)
+    cached_value = mod.variable("cache", "cached_value", jnp.zeros, (), value.dtype)
+    cache_index = mod.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    batch, k, length = slots.value.shape
+    if query.shape[1] != 1 or query.shape[0] != batch * k:
+        raise ValueError(f"beam decode steps take one token for each of {k} beams of {batch} sentences, got "
+                         f"{query.shape[:2]}")
+    index = cache_index.value
+    by_sentence = lambda a: jnp.swapaxes(a.reshape((batch, k) + a.shape[2:]), 1, 2)  # noqa: E731 [B,H,K,d]
+    keys = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(by_sentence(key), 2, 3),
+                                        (0, 0, 0, index * k))
+    values = jax.lax.dynamic_update_slice(cached_value.value, by_sentence(value), (0, 0, index * k, 0))
+    history = jax.lax.dynamic_update_slice(
+        slots.value, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (batch, k, 1)),
+        (0, 0, index))
+    cached_key.value, cached_value.value, slots.value = keys, values, history
+    cache_index.value = index + 1
+
+    heads = keys.shape[1]
+    scores = jnp.einsum("bhkd,bhdn->bhkn", by_sentence(query), keys, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query x slot j, per position
+    mine = history[:, None, :, :, None] == jnp.arange(k, dtype=jnp.int32)  # [B,1,K,L,J]
+    logits = jnp.sum(jnp.where(mine, scores, 0.0), axis=-1) * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    logits = jnp.where(jnp.arange(length) <= index, logits, jnp.float32(_MASKED))
+    probs = jax.nn.softmax(logits, axis=-1)  # [B,H,K,L]
+    weights = jnp.where(mine, probs[..., None], 0.0).reshape(batch, heads, k, length * k).astype(values.dtype)
+    out = jnp.einsum("bhkn,bhnv->bhkv", weights, values, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(out, 1, 2).reshape(query.shape[:2] + out.shape[1:2] + out.shape[3:]).astype(query.dtype)
+
+
+def beam_search_cache(cache, beams: int):
+    """The cache of a first decode step on B rows (one per sentence) made into the cache of beam steps on
+    B*beams rows: every self-attention position gets `beams` slots, each holding the first step's entry
+    (keys [B,H,L,d] -> [B,H,d,L*K], values -> [B,H,L*K,d]), plus `beam_slots` [B,K,L]; cross-attention
+    keys/values stay one per sentence."""
+    def convert(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        tree = {name: convert(sub) for name, sub in tree.items()}
+        if "cached_key" in tree:
+            key, value = tree["cached_key"], tree["cached_value"]  # [B, H, L, d]
+            b, h, length = key.shape[:3]
+            key = jnp.swapaxes(key, 2, 3)  # [B, H, d, L]
+            tree["cached_key"] = jnp.broadcast_to(key[..., None], key.shape + (beams,)).reshape(
+                b, h, key.shape[2], length * beams)
+            tree["cached_value"] = jnp.broadcast_to(value[:, :, :, None], (b, h, length, beams) + value.shape[3:]
+                                                    ).reshape(b, h, length * beams, value.shape[3])
+            tree["beam_slots"] = jnp.zeros((b, beams, length), jnp.int32)
+        return tree
+    return convert(cache)
+
+
+def reorder_beams(cache, origin: jax.Array):
+    """Give each new live beam the history of the beam it extends (origin [B,K]): only `beam_slots` moves;
+    keys/values stay in their slots, cross-attention entries and step counters are shared."""
+    def gather(path, x):
+        names = [getattr(key, "key", str(key)) for key in path]
+        if names and names[-1] == "beam_slots":
+            return jnp.take_along_axis(x, origin[:, :, None], axis=1)
+        return x
+    return jax.tree_util.tree_map_with_path(gather, cache)
