@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -38,8 +37,6 @@ from jaxformer.io.marian_import import MarianFormatError, import_marian  # noqa:
 from jaxformer.model import Transformer, TransformerConfig, init_params  # noqa: E402
 from jaxformer.translate import Translator, translate_ids  # noqa: E402
 
-log = logging.getLogger(__name__)
-
 UNKNOWN = ["Ein Hund 字 läuft 😀 über die Wiese.", "Ω≈ç√∫ a man", "naïve café — «quoted»", "tab\there  two  spaces",
            "x</s>y <unk> z<pad> w", ">>deu<< A man rides a horse.", ">>xx<<", "", " "]
 
@@ -52,8 +49,8 @@ def lines(multi30k_dir, name: str, n: int, start: int = 0) -> list[str]:
 def short_pairs(multi30k_dir, split: str, n: int, start: int = 0) -> tuple[list[str], list[str]]:
     """n pairs of `split` from line `start` on whose sides have at most 50 characters (so that the tiny
     vocabularies' pieces fit the 64 positions)."""
-    pairs = [(s, t) for s, t in zip(lines(multi30k_dir, f"{split}.en", 10 * n, start),
-                                    lines(multi30k_dir, f"{split}.de", 10 * n, start)) if max(len(s), len(t)) <= 50]
+    pairs = [(s, t) for s, t in zip(lines(multi30k_dir, f"{split}.en", 20 * n, start),
+                                    lines(multi30k_dir, f"{split}.de", 20 * n, start)) if max(len(s), len(t)) <= 50]
     assert len(pairs) >= n
     return [s for s, _ in pairs[:n]], [t for _, t in pairs[:n]]
 
@@ -92,7 +89,7 @@ def write_marian_vocabulary(directory: pathlib.Path, multi30k_dir) -> int:
 
 
 def build_marian_dir(directory: pathlib.Path, multi30k_dir, activation: str, *, seed: int = 0, std: float = 0.25,
-                     eos_bias: float = 2.5) -> pathlib.Path:
+                     eos_bias: float = 2.5, **config_overrides) -> pathlib.Path:
     """A random MarianMTModel saved with its tokenizer, as `save_pretrained` writes opus-mt models."""
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
 
@@ -104,7 +101,7 @@ def build_marian_dir(directory: pathlib.Path, multi30k_dir, activation: str, *, 
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                           decoder_ffn_dim=64, max_position_embeddings=64, activation_function=activation,
                           scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0,
-                          forced_eos_token_id=0, init_std=std)
+                          forced_eos_token_id=0, init_std=std, **config_overrides)
     model = MarianMTModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,7 +109,7 @@ def build_marian_dir(directory: pathlib.Path, multi30k_dir, activation: str, *, 
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-        model.model.shared.weight[pad].zero_()  # as in opus-mt: the decoder-start (pad) row is zero
+        model.get_input_embeddings().weight[pad].zero_()  # as in opus-mt: the decoder-start (pad) row is zero
         bias = 0.5 * torch.randn(1, size)
         bias[0, 0] += eos_bias  # sentences end now and then
         model.final_logits_bias.copy_(bias)
@@ -237,8 +234,6 @@ def test_imported_logits_equal_marian_mt_models(marian, multi30k_dir):
     ours, our_lens = our_logits(bundle, sources, targets)
     assert our_lens == tgt_lens
     diff = max_logit_difference(hf, ours, tgt_lens, bundle[2].ids.to_ours)
-    log.warning("imported %s model: max |logit difference| vs MarianMTModel = %.2e", model.config.activation_function,
-                diff)
     print(f"max |logit difference| ({model.config.activation_function}): {diff:.2e}")
     assert diff < 1e-4
     config = bundle[0].config
@@ -312,6 +307,28 @@ def test_round_trip_import_then_export_gives_the_same_model(swish_marian, multi3
     for name in ("vocab.json", "source.spm", "target.spm"):
         assert (back / name).read_bytes() == (hf_dir / name).read_bytes() or name == "vocab.json"
     assert json.loads((back / "vocab.json").read_text()) == json.loads((hf_dir / "vocab.json").read_text())
+
+
+@pytest.mark.parametrize("layout", [{"share_encoder_decoder_embeddings": False}, {"tie_word_embeddings": False},
+                                    {"share_encoder_decoder_embeddings": False, "tie_word_embeddings": False}],
+                         ids=["separate embeddings", "untied output", "all three separate"])
+def test_embedding_layouts_import_and_export_exactly(layout, multi30k_dir, tmp_path):
+    """transformers 5 ties the embeddings to model.shared only while tie_word_embeddings holds: the import
+    reads the matrices the model runs on, and the export writes every name it reads."""
+    from transformers import MarianMTModel, MarianTokenizer
+
+    hf_dir = build_marian_dir(tmp_path / "hf", multi30k_dir, "relu", **layout)
+    model, tok = MarianMTModel.from_pretrained(hf_dir).eval(), MarianTokenizer.from_pretrained(hf_dir)
+    bundle = tuple(jaxformer_format.read(import_marian(hf_dir, tmp_path / "jaxformer")))
+    config = bundle[0].config
+    assert (config.share_embeddings, config.tie_output) == (False, layout.get("tie_word_embeddings", True))
+    sources, targets = short_pairs(multi30k_dir, "val", 6, 200)
+    hf, _, lens = hf_logits(model, tok, sources, targets)
+    assert max_logit_difference(hf, our_logits(bundle, sources, targets)[0], lens, bundle[2].ids.to_ours) < 1e-4
+    again, info = MarianMTModel.from_pretrained(write_marian(tmp_path / "back", config, bundle[1], bundle[2]),
+                                                output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert np.array_equal(hf_logits(again.eval(), tok, sources, targets)[0], hf)
 
 
 def test_imported_model_translates_evaluates_and_plots(swish_marian, multi30k_dir, tmp_path):
@@ -503,16 +520,29 @@ def test_exported_tokenizer_greedy_and_pipeline_text_equal_jaxformer(native, mul
     assert texts == Translator(jmodel, params, tokenizer, {"beam_size": 1}).translate(sources)
 
 
+def test_a_shared_embedding_with_an_untied_output_layer_exports(native, multi30k_dir, tmp_path):
+    from transformers import MarianMTModel, MarianTokenizer
+
+    config, _, tokenizer, _ = native
+    config = TransformerConfig(**{**config.to_dict(), "tie_output": False})
+    params = init_params(config, jax.random.key(5))
+    out = write_marian(tmp_path / "marian", config, params, tokenizer)
+    model, info = MarianMTModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    sources, targets = short_pairs(multi30k_dir, "val", 6, 500)
+    hf, _, lens = hf_logits(model.eval(), MarianTokenizer.from_pretrained(out), sources, targets)
+    ours, _ = our_logits((Transformer(config), params, tokenizer), sources, targets)
+    assert max_logit_difference(hf, ours, lens, MarianVocab.from_sentencepiece(tokenizer).ids.to_ours) < 1e-4
+
+
 @pytest.mark.parametrize("option, message", [
     ({"norm": "pre"}, "model.norm='pre'"),
     ({"positional": "learned"}, "model.positional='learned'"),
     ({"d_k": 4, "d_v": 4}, "model.d_k=4"),
 ])
 def test_export_refuses_what_marian_cannot_express(native, tmp_path, option, message):
-    from jaxformer.io.marian_layout import MarianFormatError as LayoutError
-
     config, params, tokenizer, _ = native
     config = TransformerConfig(**{**config.to_dict(), **option})  # refused before its parameters are read
-    with pytest.raises(LayoutError, match=message):
+    with pytest.raises(MarianFormatError, match=message):
         write_marian(tmp_path / "out", config, params, tokenizer)
     assert not (tmp_path / "out").exists()

@@ -29,8 +29,9 @@ import numpy as np
 
 from jaxformer.data.common import DataError
 from jaxformer.data.marian_vocab import MarianVocab
-from jaxformer.io.marian_layout import (POSITION_KEYS, MarianFormatError, from_marian, marian_shape,
-                                        parameter_map, transformer_config, vocabulary_parameters)
+from jaxformer.io.marian_layout import (DECODER_EMBED, ENCODER_EMBED, LM_HEAD, POSITION_KEYS, SHARED,
+                                        MarianFormatError, embedding_sources, from_marian, marian_shape,
+                                        parameter_map, transformer_config)
 
 __all__ = ["import_marian", "read_marian", "resolve_source", "MarianFormatError"]
 
@@ -191,8 +192,10 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ mapping
 
-def marian_params(config, weights: Mapping[str, np.ndarray], vocab: MarianVocab, where: pathlib.Path) -> dict:
-    """jaxformer's {"params": ...} tree (numpy) from a Marian state dict, every key accounted for."""
+def marian_params(config, weights: Mapping[str, np.ndarray], sources: tuple[str, str, str | None],
+                  vocab: MarianVocab, where: pathlib.Path) -> dict:
+    """jaxformer's {"params": ...} tree (numpy) from a Marian state dict, every key accounted for; `sources`
+    are the keys of the encoder embedding, decoder embedding and untied output layer (`embedding_sources`)."""
     import jax
     from flax import traverse_util
 
@@ -217,15 +220,14 @@ def marian_params(config, weights: Mapping[str, np.ndarray], vocab: MarianVocab,
     for path, key, kind in parameter_map(config):
         flat[path] = from_marian(kind, take(key, path, kind), order, h)
     ids = vocab.ids
-    for path, key, kind in vocabulary_parameters(config):
-        if kind == "embedding" and key not in weights:  # a shared matrix saved under one of its aliases
-            key = next((k for k in ("model.shared.weight", "model.encoder.embed_tokens.weight",
-                                    "model.decoder.embed_tokens.weight") if k in weights), key)
-        rows = take(key, path, kind)
-        if kind == "output":
-            flat[path] = ids.rows_to_ours(rows).T
-        else:
-            flat[path] = ids.rows_to_ours(rows)
+    encoder, decoder, output = sources
+    embeddings = ([("shared_embedding/embedding", encoder)] if config.share_embeddings else
+                  [("source_embedding/embedding", encoder), ("target_embedding/embedding", decoder)])
+    for path, key in embeddings:
+        flat[path] = ids.rows_to_ours(from_marian("embedding", take(key, path, "embedding"), order, h))
+    if output is not None:
+        path = "output_projection/kernel"
+        flat[path] = from_marian("output", ids.rows_to_ours(take(output, path, "output")), order, h)
     bias = weights.get("final_logits_bias", np.zeros((1, ids.marian_size), np.float32))
     if bias.shape != (1, ids.marian_size):
         raise MarianFormatError(f"{where}: final_logits_bias has shape {bias.shape}, expected {(1, ids.marian_size)}")
@@ -239,10 +241,8 @@ def marian_params(config, weights: Mapping[str, np.ndarray], vocab: MarianVocab,
                                         f"{config.max_len}, d_model={config.d_model}; learned positions are not "
                                         f"supported")
             used.add(key)
-    tied = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} if config.share_embeddings else set()
-    if config.tie_output:
-        tied.add("lm_head.weight")  # transformers ties it to the embedding whatever the file holds
-    left = sorted(set(weights) - used - tied)
+    # transformers ties (or, unused, ignores) the other copies of the embedding and the output layer
+    left = sorted(set(weights) - used - {SHARED, ENCODER_EMBED, DECODER_EMBED, LM_HEAD})
     if left:
         raise MarianFormatError(f"{where}: weights that config.json does not describe: {', '.join(left[:4])}"
                                 f"{' ...' if len(left) > 4 else ''}")
@@ -260,14 +260,20 @@ def read_marian(source: str | os.PathLike):
     directory = resolve_source(source)
     marian = _json(directory / "config.json", f"{directory} is not a transformers model directory")
     vocab = read_vocabulary(directory, marian)
+    weights = read_weights(directory)
+    sources = embedding_sources(marian, weights)
+    encoder, decoder, output = sources
+    share = encoder == decoder or (encoder in weights and decoder in weights
+                                   and np.array_equal(weights[encoder], weights[decoder]))
     try:
         config = TransformerConfig(**transformer_config(marian, vocab_size=vocab.vocab_size,
-                                                        where=str(directory / "config.json")))
+                                                        where=str(directory / "config.json"), share_embeddings=share,
+                                                        tie_output=output is None))
     except ValueError as e:
         if isinstance(e, MarianFormatError):
             raise
         raise MarianFormatError(f"{directory / 'config.json'}: {e}") from e
-    params = marian_params(config, read_weights(directory), vocab, directory)
+    params = marian_params(config, weights, sources, vocab, directory)
     generation = (_json(directory / "generation_config.json", "")
                   if (directory / "generation_config.json").is_file() else {})
     decode = {"beam_size": int(generation.get("num_beams") or marian.get("num_beams") or 4),

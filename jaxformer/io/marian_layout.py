@@ -19,7 +19,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 __all__ = ["MarianFormatError", "ACTIVATIONS", "feature_order", "parameter_map", "to_marian", "from_marian",
-           "marian_config", "transformer_config", "marian_shape", "POSITION_KEYS"]
+           "marian_config", "transformer_config", "marian_shape", "embedding_sources", "vocabulary_parameters",
+           "POSITION_KEYS"]
 
 # jaxformer activation <-> transformers' ACT2FN name ("swish" and "silu" are the same function there)
 ACTIVATIONS = {"relu": "relu", "swish": "swish", "gelu": "gelu"}
@@ -150,16 +151,41 @@ def attention_bias_map(config) -> list[tuple[str, str, str]]:
             if entry[0].endswith("/bias") and ("attention/" in entry[0])]
 
 
+SHARED, ENCODER_EMBED, DECODER_EMBED, LM_HEAD = ("model.shared.weight", "model.encoder.embed_tokens.weight",
+                                                 "model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
 def vocabulary_parameters(config) -> list[tuple[str, str, str]]:
-    """(jaxformer path, Marian key, kind) of the embeddings and the output layer."""
-    if config.share_embeddings:
-        out = [("shared_embedding/embedding", "model.shared.weight", "embedding")]
+    """(jaxformer path, Marian key, kind) of the embeddings and the output layer, as the exporter writes them.
+
+    transformers ties the encoder's and decoder's embeddings to `model.shared` only while
+    tie_word_embeddings is true (version 5; version 4 always did): a shared embedding with an untied output
+    layer is therefore written under all three names."""
+    if config.share_embeddings and config.tie_output:
+        out = [("shared_embedding/embedding", SHARED, "embedding")]
+    elif config.share_embeddings:
+        out = [("shared_embedding/embedding", key, "embedding") for key in (SHARED, ENCODER_EMBED, DECODER_EMBED)]
     else:
-        out = [("source_embedding/embedding", "model.encoder.embed_tokens.weight", "embedding"),
-               ("target_embedding/embedding", "model.decoder.embed_tokens.weight", "embedding")]
+        out = [("source_embedding/embedding", ENCODER_EMBED, "embedding"),
+               ("target_embedding/embedding", DECODER_EMBED, "embedding")]
     if not config.tie_output:
-        out.append(("output_projection/kernel", "lm_head.weight", "output"))
+        out.append(("output_projection/kernel", LM_HEAD, "output"))
     return out
+
+
+def embedding_sources(marian: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> tuple[str, str, str | None]:
+    """The state-dict keys transformers' MarianMTModel takes its (encoder embedding, decoder embedding,
+    output layer) from, given config.json and the keys present (None: the output layer is tied)."""
+    def first(*keys):
+        return next((k for k in keys if k in weights), keys[0])
+
+    tie = marian.get("tie_word_embeddings", True)
+    if marian.get("share_encoder_decoder_embeddings", True) and tie:
+        shared = first(SHARED, ENCODER_EMBED, DECODER_EMBED)
+        return shared, shared, None
+    if tie:  # separate embeddings, the output layer tied to the decoder's
+        return first(ENCODER_EMBED, SHARED), first(DECODER_EMBED, SHARED), None
+    return first(ENCODER_EMBED, SHARED), first(DECODER_EMBED, SHARED), LM_HEAD
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -219,10 +245,12 @@ def _get(marian: Mapping[str, Any], key: str, default: Any, where: str) -> Any:
     return value
 
 
-def transformer_config(marian: Mapping[str, Any], *, vocab_size: int, where: str) -> dict[str, Any]:
+def transformer_config(marian: Mapping[str, Any], *, vocab_size: int, where: str, share_embeddings: bool,
+                       tie_output: bool) -> dict[str, Any]:
     """TransformerConfig fields (a dict) of the model a Marian config.json describes; `vocab_size` is
-    jaxformer's (Marian's + 1). Defaults are `MarianConfig`'s, so a config.json that leaves a key out means
-    what transformers reads from it (its activation default is gelu, not opus-mt's swish)."""
+    jaxformer's (Marian's + 1); whether the embeddings are one matrix and the output layer tied to it
+    comes from the weights (`embedding_sources`). Defaults are `MarianConfig`'s, so a config.json that leaves a
+    key out means what transformers reads from it (its activation default is gelu, not opus-mt's swish)."""
     def need(ok: bool, what: str):
         if not ok:
             raise MarianFormatError(f"{where}: {what}")
@@ -256,7 +284,7 @@ def transformer_config(marian: Mapping[str, Any], *, vocab_size: int, where: str
         "attention_dropout_rate": float(_get(marian, "attention_dropout", 0.0, where)),
         "relu_dropout_rate": float(_get(marian, "activation_dropout", 0.0, where)),
         "positional": "sinusoidal", "max_len": int(_get(marian, "max_position_embeddings", 1024, where)),
-        "share_embeddings": bool(share), "tie_output": bool(marian.get("tie_word_embeddings", True)),
+        "share_embeddings": bool(share_embeddings), "tie_output": bool(tie_output),
         "scale_embeddings": bool(marian.get("scale_embedding", False)), "norm": "post",
         "activation": _FROM_MARIAN_ACTIVATION[activation], "attention_bias": True, "logits_bias": True,
         "layer_norm_epsilon": LAYER_NORM_EPSILON, "sinusoid_layout": "halves",
