@@ -134,7 +134,7 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
     state = marian_state_dict(config, params, vocab)
     settings = checked(dict(decode_settings or {}))
     files = {
-        "config.json": marian_config(config, marian_vocab_size=ids.marian_size, eos=ids.eos, unk=ids.unk, pad=ids.pad),
+        "config.json": marian_config(config, marian_vocab_size=ids.marian_size, eos=ids.eos, pad=ids.pad),
         "generation_config.json": generation_config(config, settings, ids),
         "tokenizer_config.json": tokenizer_config(vocab, config, languages),
     }

@@ -209,12 +209,11 @@ def unsupported_for_marian(config) -> str | None:
     return None
 
 
-def marian_config(config, *, marian_vocab_size: int, eos: int, unk: int, pad: int) -> dict[str, Any]:
+def marian_config(config, *, marian_vocab_size: int, eos: int, pad: int) -> dict[str, Any]:
     """config.json of the MarianMTModel equal to `config` (every field written out, none left to defaults)."""
     reason = unsupported_for_marian(config)
     if reason:
         raise MarianFormatError(f"cannot export to Marian: {reason}")
-    del unk
     return {
         "architectures": ["MarianMTModel"], "model_type": "marian",
         "vocab_size": marian_vocab_size, "decoder_vocab_size": marian_vocab_size,
