@@ -63,11 +63,16 @@ def report(rows: list[dict], columns: list[str]) -> None:
     """Print each row as a JSON line, then a readable table of the chosen columns."""
     for row in rows:
         print(json.dumps(row, sort_keys=True))
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print()
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+    print(table(rows, columns))
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """The chosen columns of `rows` as aligned text, a header line first."""
+    widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns).rstrip() for row in rows]
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

@@ -68,6 +68,15 @@ def choose_attention_impl(requested: str, *, platform: str, dtype, head_dim_k: i
     return "cudnn", "CUDA GPU, half precision, supported head size and mask"
 
 
+def key_value_lengths(valid: jax.Array) -> jax.Array:
+    """[B] int32: real keys per row of `valid` [B, S] (right padding), at least 1; cuDNN's padding mask.
+
+    An all-PAD row (the filler rows of evaluation and decode batches) would get 0, and cuDNN's padding mask
+    would then leave its queries no key at all: NaN outputs, which a zero loss weight does not cancel
+    (NaN * 0 is NaN). Such a row's outputs are never used, so attending to its first (PAD) key is harmless."""
+    return jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.int32), 1)
+
+
 _LOGGED_CHOICES: set = set()
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxformer import decode_cache
-from jaxformer.attention import ATTENTION_IMPLS, attend
+from jaxformer.attention import ATTENTION_IMPLS, attend, key_value_lengths
 from jaxformer.ops import dropout, output_logits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -354,7 +354,7 @@ class Transformer(nn.Module):
         if src_segments is not None:
             mask = nn.make_attention_mask(src_segments, src_segments, jnp.equal, dtype=bool)
         else:
-            mask, lengths = src_valid[:, None, None, :], jnp.sum(src_valid, axis=-1)
+            mask, lengths = src_valid[:, None, None, :], key_value_lengths(src_valid)
         x = self.encoder_embedder(src, src_positions, deterministic=deterministic)
         for layer in self.encoder_layers:
             x = layer(x, mask, deterministic=deterministic, key_lengths=lengths)
@@ -382,7 +382,7 @@ class Transformer(nn.Module):
             self_mask = nn.combine_masks(nn.make_causal_mask(tgt_in, dtype=bool),
                                          (tgt_in != cfg.pad_id)[:, None, None, :], dtype=bool)
             cross_mask = src_mask[:, None, None, :]
-            is_causal, memory_lengths = True, jnp.sum(src_mask, axis=-1)
+            is_causal, memory_lengths = True, key_value_lengths(src_mask)
         y = self.decoder_embedder(tgt_in, tgt_positions, deterministic=deterministic, decode=decode)
         for layer in self.decoder_layers:
             y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,

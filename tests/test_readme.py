@@ -153,6 +153,7 @@ def test_readme_commands_and_snippets_run(sandbox):
     assert len(list((sandbox / "runs" / "default" / "checkpoints").iterdir())) >= 5
     assert (sandbox / "runs" / "default-export" / "params.safetensors").exists()
     assert (sandbox / "runs" / "default" / "eval" / "bleu.json").exists()
+    assert (sandbox / "runs" / "default" / "evaluation" / "test" / "bleu.json").exists()  # evaluate without --out
     assert (sandbox / "attention.png").stat().st_size > 0
     assert len((sandbox / "numbers.de").read_text(encoding="utf-8").splitlines()) == 2
     translate_stdin = next(o for c, o in outputs.items() if c.startswith("echo"))
