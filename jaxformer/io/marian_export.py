@@ -35,7 +35,7 @@ from jaxformer.data.marian_vocab import MarianVocab
 from jaxformer.io.marian_layout import (MarianFormatError, attention_bias_map, feature_order, marian_config,
                                         parameter_map, to_marian, unsupported_for_marian, vocabulary_parameters)
 
-__all__ = ["write_marian", "marian_state_dict", "MarianFormatError"]
+__all__ = ["write_marian", "write", "marian_state_dict", "MarianFormatError"]
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +156,14 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
                  config.layer_norm_epsilon)
     log.info("wrote a Marian model (%d weights, vocabulary %d) to %s", len(state), ids.marian_size, out)
     return out
+
+
+def write(translator, out_dir: str | os.PathLike) -> pathlib.Path:
+    """`write_marian` of a loaded `jaxformer.translate.Translator` (what `jaxformer.io.export` dispatches to):
+    its model, parameters, vocabulary, decode settings and, when it has a run config, its languages."""
+    run = translator.config
+    languages = (None, None)
+    if run is not None:
+        languages = (run.data.get("src_lang") or None, run.data.get("tgt_lang") or None)
+    return write_marian(out_dir, translator.model.config, translator.params, translator.tokenizer, translator.decode,
+                        languages=languages)
