@@ -549,3 +549,13 @@ def test_export_refuses_what_marian_cannot_express(native, tmp_path, option, mes
     with pytest.raises(MarianFormatError, match=message):
         write_marian(tmp_path / "out", config, params, tokenizer)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_into_a_folder_that_holds_files_is_refused(native, tmp_path):
+    config, params, tokenizer, _ = native
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(MarianFormatError, match="not an empty folder"):
+        write_marian(tmp_path / "out", config, params, tokenizer)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
