@@ -1,13 +1,14 @@
-"""The `jaxformer` command: translate, evaluate, export, plot-attention, average.
+"""The `jaxformer` command: translate, evaluate, export, import-marian, plot-attention, average.
 
     jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
                        [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
-    jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer|ctranslate2]
+    jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer|ctranslate2|marian]
                      [--quantization int8] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
                              [--layers -1] [--heads 0,1] --out attention.png
+    jaxformer import-marian SOURCE --out DIR                 (an opus-mt model, local or a Hub id; docs/marian.md)
     jaxformer average --workdir RUN --last K --out DIR       (orbax params; see jaxformer.checkpoint)
 
 `--model` takes an export directory or a training workdir (detected by its contents, through
@@ -187,6 +188,15 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_import_marian(args) -> int:
+    from jaxformer import io
+
+    out = io.import_marian(args.source, args.out)
+    print(f"imported {args.source} as {out}: use it with --model {out}, or fine-tune with "
+          f"--config.train.init_from={out}")
+    return 0
+
+
 def _cmd_average(args) -> int:
     from jaxformer import checkpoint
 
@@ -232,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "+ vocab)")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--format", default="jaxformer", help="jaxformer (default), or ctranslate2 (for serving; needs "
-                                                         "pip install -e '.[interop]')")
+    p.add_argument("--format", default="jaxformer", help="jaxformer (default), ctranslate2 (for serving) or marian "
+                                                         "(for transformers); the last two need "
+                                                         "pip install -e '.[interop]'")
     p.add_argument("--quantization", default=None, help="ctranslate2: float32 (default), int8, int16, float16, "
                                                         "int8_float16, ...")
     p.add_argument("--jax-export", action="store_true",
@@ -253,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_int_list, default=None, help="head indices (default: all)")
     p.add_argument("--beam-size", type=int, default=None, help="search for the translation (default: the model's)")
     p.add_argument("--out", required=True, help="the PNG file to write")
+
+    p = sub.add_parser("import-marian", help="a Marian / opus-mt model (transformers layout) as a jaxformer export")
+    p.add_argument("source", help="a local directory (config.json, model.safetensors or pytorch_model.bin, "
+                                  "source.spm, target.spm, vocab.json) or a Hub id, e.g. Helsinki-NLP/opus-mt-en-de")
+    p.add_argument("--out", required=True, help="the export directory to write (new or empty)")
 
     p = sub.add_parser("average", help="average the last K checkpoints of a run into an orbax directory")
     p.add_argument("--workdir", required=True)
@@ -281,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "plot-attention":
             return _cmd_plot(args)
+        if args.command == "import-marian":
+            return _cmd_import_marian(args)
         if args.command == "average":
             return _cmd_average(args)
     except Exception as e:  # noqa: BLE001 - our loaders' errors speak for themselves; others keep their traceback

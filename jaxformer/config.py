@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     # --- training
     c.train = t = ml_collections.ConfigDict()
     t.workdir = "runs/default"
+    t.init_from = ""                # fine-tuning: a jaxformer export directory (e.g. from `jaxformer import-marian`)
+                                    # whose parameters, architecture and vocabulary the run starts from; optimizer
+                                    # state and schedule start fresh (jaxformer/io/init_from.py)
     t.steps = 100_000
     t.warmup_steps = 4000
     t.lr_scale = 1.0                # lrate = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)

@@ -64,7 +64,7 @@ def attention_maps(model: Transformer, params, tokenizer, sentence: str, *, tran
         out_ids = translate_lib.translate_ids(model, params, [src_ids], beam_size=beam_size, length_penalty=alpha,
                                               batch_size=1)[0]
     else:
-        out_ids = tokenizer.encode([translation])[0]
+        out_ids = tokenizer.encode_target([translation])[0]
     out_ids = out_ids[: config.max_len - 1]
     src = jnp.asarray([src_ids + [EOS_ID]], jnp.int32)
     tgt_in = jnp.asarray([[BOS_ID] + out_ids], jnp.int32)

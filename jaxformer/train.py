@@ -26,6 +26,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
 from jaxformer.config import LEGACY_MODEL_VALUES, check_lengths, check_train_config
 from jaxformer.attention import accelerator_platform
+from jaxformer.io import init_from
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
 from jaxformer.model import Transformer, TransformerConfig, count_params
 from jaxformer.optim import learning_rate_schedule
@@ -106,7 +107,10 @@ class _Trainer:
 
         self.config, self.workdir, self.t = config, workdir, config.train
         self.is_chief = jax.process_index() == 0
-        self.tokenizer = get_tokenizer(config, str(workdir))
+        if config.train.get("init_from"):  # fine-tuning: the exported model's vocabulary (jaxformer/io/init_from.py)
+            self.tokenizer = init_from.run_tokenizer(config, workdir, is_chief=self.is_chief)
+        else:
+            self.tokenizer = get_tokenizer(config, str(workdir))
         self.model_cfg = TransformerConfig.from_dict(config.model.to_dict(), vocab_size=self.tokenizer.vocab_size)
         self.model = Transformer(self.model_cfg)
         self.mesh = parallel.make_mesh()
@@ -189,6 +193,9 @@ class _Trainer:
         restored = self.store.restore_latest(params_like=target.params, opt_state_like=target.opt_state)
         if restored is None:
             state = steps.init_state(int(t.seed))
+            if t.get("init_from"):  # the exported parameters, placed as the steps keep them; Adam's moments stay 0
+                params = init_from.initial_params(self.config, self.model_cfg)
+                state = state.replace(params=parallel.replicate(params, self.mesh))
         else:
             # Placed as the steps' outputs are, so the first update does not compile for another placement.
             step, rng = parallel.replicate((np.int32(restored.step), restored.rng), self.mesh)
@@ -337,6 +344,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     of the step it stopped after is written; calling it again resumes there).
     """
     check_train_config(config.train)
+    config = init_from.resolve_config(config)  # train.init_from: that model's architecture in config.model
     check_lengths(config)  # a position table shorter than a batch would show up as a NaN loss
     TransformerConfig.from_dict(config.model.to_dict(), vocab_size=8)  # model keys, before any slow work
     every_core = config.train.cpu_data_parallel and parallel.use_every_cpu_core()  # too late once JAX runs

@@ -39,6 +39,10 @@ TINY_REAL = (TINY_MODEL + " --config.train.steps=3 --config.train.checkpoint_eve
              "--config.data.vocab_sample_size=2000 --config.data.tokens_per_batch=256 "
              "--config.train.grad_accum_steps=1 "
              "--config.train.checkpoint_every_minutes=0 --config.model.dtype=float32")
+# Fine-tuning the README's imported tiny Multi30k model (its model.* keys are that model's).
+TINY_FINETUNE = ("--config.train.steps=3 --config.train.checkpoint_every_steps=3 --config.train.eval_every=3 "
+                 "--config.train.warmup_steps=10 --config.train.eval_bleu_sentences=4 "
+                 "--config.train.progress_bar=False --config.data.tokens_per_batch=256")
 TINY_BENCH_MODEL = " ".join(f"--set {kv}" for kv in (
     "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.num_encoder_layers=1",
     "model.num_decoder_layers=1", "data.vocab_size=300", "data.vocab_sample_size=2000",
@@ -60,6 +64,8 @@ RULES = [
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
     (r"^python benchmarks/input_pipeline\.py", "--repeats 1 --wmt-pairs 2000 --vocab-size 500 --steps 4"),
+    (r"^python train\.py --config configs/finetune\.py", (TINY_FINETUNE if HAVE_INTEROP else None)),
+    (r"^jaxformer evaluate --model runs/imported", ("--limit 8" if HAVE_INTEROP else None)),
     # Other libraries' formats need the '.[interop]' extra (CI installs it).
     (r"^jaxformer (export .*--format (ctranslate2|marian)|import-marian)", "" if HAVE_INTEROP else None),
     (r"^(echo .*\| )?jaxformer ", ""),

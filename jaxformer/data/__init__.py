@@ -4,6 +4,8 @@
                    offline task), this process's shard           -> load_split, read_pairs
     vocabulary.py  a shared sentencepiece BPE trained on a sample spread over the whole corpus
                                                                   -> Tokenizer, get_tokenizer
+    marian_vocab.py  an imported Marian model's vocabulary (two sentencepiece models + vocab.json), in
+                   jaxformer's ids                                -> MarianVocab
     cache.py       the first pass: cleaned, batch-encoded pairs written to flat files, memory-mapped
                    afterwards, keyed by source + vocabulary + length limit   -> open_or_build
     batching.py    a seeded whole-corpus order per epoch -> packed rows or length buckets -> int32 batches
@@ -28,11 +30,14 @@ from jaxformer.data.cache import TokenCache, cache_key, open_or_build
 from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, process_info
 from jaxformer.data.prefetch import Prefetcher
 from jaxformer.data.sources import describe_source, ensure_synthetic, load_split, pair_batches, read_pairs
-from jaxformer.data.vocabulary import VOCAB_FILENAME, Tokenizer, get_tokenizer, sample_sentences
+from jaxformer.data.marian_vocab import MarianVocab
+from jaxformer.data.vocabulary import (VOCAB_FILENAME, Tokenizer, get_tokenizer, load_vocabulary, run_vocabulary,
+                                       sample_sentences, vocabulary_filename)
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB_FILENAME", "BatchIterator", "DataError", "Prefetcher",
-           "TokenCache", "Tokenizer", "batch_size_for", "cache_dir_for", "ensure_synthetic", "get_tokenizer",
-           "load_split", "make_batches", "padding_efficiency", "read_pairs", "sample_sentences"]
+           "MarianVocab", "TokenCache", "Tokenizer", "batch_size_for", "cache_dir_for", "ensure_synthetic", "get_tokenizer",
+           "load_split", "load_vocabulary", "make_batches", "padding_efficiency", "read_pairs", "run_vocabulary", "sample_sentences",
+           "vocabulary_filename"]
 
 
 def cache_dir_for(config) -> str:

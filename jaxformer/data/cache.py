@@ -155,8 +155,7 @@ def _write(tmp: str, batches, tokenizer, max_len: int, description: dict, key: s
                     stats[reason] += 1
             if not kept_src:
                 continue
-            ids = tokenizer.encode(kept_src + kept_tgt)
-            src_ids, tgt_ids = ids[:len(kept_src)], ids[len(kept_src):]
+            src_ids, tgt_ids = tokenizer.encode(kept_src), tokenizer.encode_target(kept_tgt)
             ns = np.fromiter(map(len, src_ids), np.int32, len(src_ids))
             nt = np.fromiter(map(len, tgt_ids), np.int32, len(tgt_ids))
             empty = (ns == 0) | (nt == 0)

@@ -27,6 +27,8 @@ VOCAB_FILENAME = "vocab.model"
 class Tokenizer:
     """A sentencepiece model shared by both languages, with PAD/UNK/BOS/EOS = 0/1/2/3."""
 
+    kind = "sentencepiece"  # the vocabulary kinds: see `load_vocabulary`
+
     def __init__(self, model_proto: bytes, path: str | None = None):
         import sentencepiece as spm
 
@@ -109,6 +111,10 @@ class Tokenizer:
             return [self._sp.encode(t) for t in texts]
         return self._sp.encode(texts, num_threads=num_threads)
 
+    def encode_target(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """Ids of target-side texts: the same model segments both languages."""
+        return self.encode(texts, num_threads)
+
     def decode(self, ids) -> list[str]:
         """Text of each id sequence (list or array rows): stops at EOS, ignores PAD and BOS."""
         out = []
@@ -121,6 +127,41 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+
+def vocabulary_filename(kind: str) -> str:
+    """The file (sentencepiece) or folder (marian) a vocabulary of `kind` is kept as, in a workdir or export."""
+    from jaxformer.data import marian_vocab
+
+    names = {Tokenizer.kind: VOCAB_FILENAME, marian_vocab.KIND: marian_vocab.DIRNAME}
+    if kind not in names:
+        raise DataError(f"unknown vocabulary kind {kind!r}; known: {', '.join(names)}")
+    return names[kind]
+
+
+def load_vocabulary(path: str, kind: str | None = None):
+    """A `Tokenizer` (a sentencepiece .model file) or a `MarianVocab` (a folder from `MarianVocab.save`):
+    `kind` names it, or None tells them apart by what `path` is."""
+    from jaxformer.data.marian_vocab import KIND as MARIAN, MarianVocab
+
+    if kind is None:
+        kind = MARIAN if os.path.isdir(path) else Tokenizer.kind
+    if kind == MARIAN:
+        return MarianVocab.load(path)
+    if kind != Tokenizer.kind:
+        raise DataError(f"unknown vocabulary kind {kind!r} for {path}")
+    return Tokenizer.load(path)
+
+
+def run_vocabulary(workdir: str):
+    """The vocabulary a run keeps in its workdir (vocab.model, or a marian_vocab/ folder), or None."""
+    from jaxformer.data.marian_vocab import DIRNAME
+
+    for name in (VOCAB_FILENAME, DIRNAME):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            return load_vocabulary(path)
+    return None
 
 
 def sample_sentences(data_cfg, n: int) -> list[str]:
@@ -147,14 +188,15 @@ def sample_sentences(data_cfg, n: int) -> list[str]:
 def get_tokenizer(config, workdir: str, *, wait_timeout_s: float = 3600.0) -> Tokenizer:
     """The run's vocabulary, kept at `<workdir>/vocab.model`.
 
-    Resume: that file. Else `config.data.vocab_model` (copied beside the run). Else process 0
+    Resume: that file (or the marian_vocab/ folder a fine-tuned Marian model keeps). Else `config.data.vocab_model` (copied beside the run). Else process 0
     trains one on `config.data.vocab_sample_size` sentences sampled over the whole train stream; the other
     processes wait for the file (the workdir must be on a shared filesystem).
     """
     data = config.data
     path = os.path.join(workdir, VOCAB_FILENAME)
-    if os.path.isfile(path):
-        return Tokenizer.load(path)
+    kept = run_vocabulary(workdir)  # a Marian vocabulary is put there by fine-tuning (`train.init_from`)
+    if kept is not None:
+        return kept
     process_index, _ = process_info(None, None)
     if data.vocab_model:
         tok = Tokenizer.load(data.vocab_model)

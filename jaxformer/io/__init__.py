@@ -5,7 +5,9 @@
     jaxformer.io.export(translator, "exports/ct2", format="ctranslate2")
 
 `load` recognises what a path holds by its files; each format is one module here: `runs` (training run
-directories), `native` (jaxformer's export directory), `ctranslate2` (a CTranslate2 model for serving).
+directories), `native` (jaxformer's export directory), `ctranslate2` (a CTranslate2 model for serving),
+`marian_export` / `marian_import` (Hugging Face Marian directories, out and in; `marian_layout` is the
+parameter map of both), `init_from` (an export as the start of a fine-tuning run).
 Data flows one way: these modules read and write files and build a `jaxformer.translate.Translator`;
 nothing below them imports them.
 """
@@ -18,9 +20,9 @@ import pathlib
 from jaxformer.io import native, runs
 from jaxformer.translate import Translator
 
-__all__ = ["load", "export", "FORMATS"]
+__all__ = ["load", "export", "import_marian", "FORMATS"]
 
-FORMATS = ("jaxformer", "ctranslate2")
+FORMATS = ("jaxformer", "ctranslate2", "marian")
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, average_last: int | None = None) -> Translator:
@@ -45,9 +47,20 @@ def export(translator: Translator, out_dir: str | os.PathLike, *, format: str = 
     """Write `translator` to `out_dir` in `format` (one of FORMATS); `options` go to that format's writer."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "marian":
+        from jaxformer.io import marian_export
+
+        return marian_export.write(translator, out_dir, **options)
     if format == "ctranslate2":
         from jaxformer.io.ctranslate2 import write_ctranslate2
 
         return write_ctranslate2(out_dir, translator.model.config, translator.params, translator.tokenizer,
                                  translator.decode, **options)
     return native.write(translator, out_dir, **options)
+
+
+def import_marian(source: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+    """A Marian / opus-mt model (a local transformers directory or a Hub id) as a jaxformer export directory."""
+    from jaxformer.io.marian_import import import_marian as run_import
+
+    return run_import(source, out_dir)

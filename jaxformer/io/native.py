@@ -4,7 +4,9 @@
       config.json                  {"format": "jaxformer-export", "version": 1, "model": TransformerConfig,
                                     "decode": decode settings, "data": languages etc. (optional), "files": ...}
       params.safetensors           float parameters, keys are the '/'-joined paths of the params tree
-      vocab.model                  the sentencepiece vocabulary
+      vocab.model                  the sentencepiece vocabulary, or
+      marian_vocab/                an imported Marian model's (config.json "vocab_kind": "marian", version 2;
+                                   see jaxformer/data/marian_vocab.py)
       translate.jax_export         optional: serialized `jax.export` of the search of the decode settings
                                    (greedy if beam_size is 1, else beam search with their beam size and
                                    alpha), for any batch size and a fixed source length S:
@@ -36,7 +38,7 @@ from jaxformer.translate import Translator
 log = logging.getLogger(__name__)
 
 FORMAT = "jaxformer-export"
-VERSION = 1
+VERSION = 2  # 2: the vocabulary may be of another kind ("vocab_kind"); sentencepiece exports are still written as 1
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 VOCAB_FILE = "vocab.model"
@@ -84,16 +86,20 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    vocab_kind, vocab_name = _vocabulary_kind(tokenizer)
+    version = 1 if vocab_kind == "sentencepiece" else VERSION  # older readers refuse a vocabulary they lack by it
     tree = params["params"] if "params" in params else params
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
-    save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
-    tokenizer.save(str(tmp / VOCAB_FILE))
+    save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
+    tokenizer.save(str(tmp / vocab_name))
     settings = decode_settings(translator.decode)
     meta: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "model": config.to_dict(), "decode": settings,
-        "files": {"params": PARAMS_FILE, "vocab": VOCAB_FILE},
+        "format": FORMAT, "version": version, "model": config.to_dict(), "decode": settings,
+        "files": {"params": PARAMS_FILE, "vocab": vocab_name},
     }
+    if vocab_kind != "sentencepiece":
+        meta["vocab_kind"] = vocab_kind
     if translator.config is not None:
         meta["data"] = _plain(translator.config.data)
         if translator.config.train.get("bleu_tokenize"):
@@ -106,6 +112,14 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
     _replace_dir(tmp, out)
     log.info("exported %s (%d parameter arrays)", out, len(arrays))
     return out
+
+
+def _vocabulary_kind(tokenizer) -> tuple[str, str]:
+    """(kind, file or folder name) of a tokenizer: "sentencepiece" (vocab.model) or "marian" (marian_vocab/)."""
+    from jaxformer.data import vocabulary_filename
+
+    kind = getattr(tokenizer, "kind", "sentencepiece")
+    return kind, vocabulary_filename(kind)
 
 
 def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
@@ -183,17 +197,17 @@ def read(path: str | os.PathLike) -> Translator:
     from safetensors.numpy import load_file
 
     from jaxformer.config import default_config
-    from jaxformer.data import Tokenizer
+    from jaxformer.data import load_vocabulary
 
     path = pathlib.Path(path)
     meta = load_export_config(path)
     files = meta.get("files", {})
     params_file, vocab_file = path / files.get("params", PARAMS_FILE), path / files.get("vocab", VOCAB_FILE)
     for f in (params_file, vocab_file):
-        if not f.is_file():
+        if not f.exists():
             raise ExportError(f"{f} is missing: the export directory {path} is incomplete")
     config = TransformerConfig.from_dict(saved_model_values(meta["model"]))
-    tokenizer = Tokenizer.load(str(vocab_file))
+    tokenizer = load_vocabulary(str(vocab_file), meta.get("vocab_kind", "sentencepiece"))
     if tokenizer.vocab_size != config.vocab_size:
         raise ExportError(f"{vocab_file} has {tokenizer.vocab_size} pieces but the model expects "
                           f"{config.vocab_size}")

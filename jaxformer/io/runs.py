@@ -25,10 +25,11 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
     must be met. The paper reports averaged models.
     """
     from jaxformer.data import get_tokenizer
+    from jaxformer.data.marian_vocab import DIRNAME
 
     config = checkpoint.load_run_config(workdir)
     vocab = pathlib.Path(workdir) / checkpoint.VOCAB_FILE
-    if not vocab.is_file():
+    if not vocab.is_file() and not (pathlib.Path(workdir) / DIRNAME).is_dir():  # a fine-tuned Marian model
         raise checkpoint.CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
     tokenizer = get_tokenizer(config, str(workdir))
     default = average_last is None
