@@ -15,6 +15,7 @@ import pathlib
 import re
 import shlex
 import subprocess
+import time
 import sys
 
 import pytest
@@ -32,8 +33,6 @@ TINY_MODEL = ("--config.model.d_model=32 --config.model.d_ff=64 --config.model.n
 # The default run feeds the translate/evaluate/export commands: 5 checkpoints for its train.average_last=5.
 TINY_DEFAULT = (TINY_MODEL + " --config.data.synthetic_size=2000 --config.train.steps=50 "
                 "--config.train.checkpoint_every_steps=10 --config.train.eval_every=50")
-FILES = (f"--config.data.source=files --config.data.train_files={MULTI30K}/train "
-         f"--config.data.valid_files={MULTI30K}/val --config.data.test_files={MULTI30K}/test2016")
 TINY_REAL = (TINY_MODEL + " --config.train.steps=3 --config.train.checkpoint_every_steps=3 "
              "--config.train.eval_every=3 --config.train.average_last=1 --config.data.vocab_size=300 "
              "--config.data.vocab_sample_size=2000 --config.data.tokens_per_batch=256 "
@@ -55,7 +54,9 @@ RULES = [
     (r"^python -m pytest ", None),            # checked against .ci/run, not run recursively
     (r"^python train\.py$", TINY_DEFAULT),
     (r"^python train\.py --config configs/multi30k\.py --config\.data\.source=files$", TINY_REAL),
-    (r"^python train\.py --config configs/(multi30k|wmt14_base|wmt14_big)\.py", TINY_REAL + " " + FILES),
+    # The hub command is the files run above but for the hub, which is unreachable here, and the WMT14
+    # recipes differ from it only in config values that test_train's recipe test checks: not run again.
+    (r"^python train\.py --config configs/(multi30k|wmt14_base|wmt14_big)\.py", None),
     (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
     # PyTorch is a benchmark-only extra ('.[bench]'): the comparison runs where it is installed.
     (r"^python benchmarks/train_vs_pytorch\.py", "--shapes small --repeats 1" if HAVE_TORCH else None),
@@ -149,7 +150,9 @@ def test_readme_commands_and_snippets_run(sandbox):
         _, extra = rule_for(command)
         if extra is None:
             continue
+        started = time.monotonic()
         result = run_readme_command(command, extra, sandbox)
+        print(f"{time.monotonic() - started:6.1f} s  {command}")
         assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-3000:]}\n" \
                                        f"{result.stderr[-3000:]}"
         ran.append((command, result))
