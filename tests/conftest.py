@@ -1,6 +1,7 @@
 """Shared test setup: several CPU devices, so multi-device code runs on a 2-core machine."""
 
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere: 4 host "devices" for the data-parallel tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -8,8 +9,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The Hugging Face hub is unreachable here: local files only, never wait on the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent compilation cache for the whole run: the processes the tests start (train.py and the CLI in
+# the README test, the multi-process runs, the GPU check's dry run) compile many of the same programs. Made
+# by the first process to import this file (the controller under pytest -n), inherited by the others.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR = tempfile.mkdtemp(prefix="jaxformer-test-jit-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+else:
+    _CACHE_DIR = None
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -46,3 +56,8 @@ def pytest_xdist_make_scheduler(config, log):
 
         return LoadGroupScheduling(config, log)
     return None
+
+
+def pytest_unconfigure(config):
+    if _CACHE_DIR is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
