@@ -35,9 +35,8 @@ def multi30k_dir() -> pathlib.Path:
     return MULTI30K
 
 
-@pytest.fixture(scope="session")
-def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
-    """A small (1000-piece) shared BPE vocabulary, trained once on 4000 Multi30k pairs."""
+def multi30k_vocabulary(multi30k_dir: pathlib.Path, pairs: int, pieces: int, path: pathlib.Path):
+    """A shared BPE vocabulary of `pieces` pieces trained on the first `pairs` Multi30k training pairs."""
     from itertools import islice
 
     from jaxformer.data import Tokenizer
@@ -45,8 +44,14 @@ def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
     sentences = []
     for lang in ("en", "de"):
         with open(multi30k_dir / f"train.{lang}", encoding="utf-8") as f:
-            sentences += [line.strip() for line in islice(f, 4000)]
-    return Tokenizer.train(sentences, 1000, str(tmp_path_factory.mktemp("vocab") / "vocab.model"))
+            sentences += [line.strip() for line in islice(f, pairs)]
+    return Tokenizer.train(sentences, pieces, str(path))
+
+
+@pytest.fixture(scope="session")
+def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
+    """A small (1000-piece) shared BPE vocabulary, trained once on 4000 Multi30k pairs."""
+    return multi30k_vocabulary(multi30k_dir, 4000, 1000, tmp_path_factory.mktemp("vocab") / "vocab.model")
 
 
 def pytest_xdist_make_scheduler(config, log):

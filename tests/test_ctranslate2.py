@@ -20,8 +20,9 @@ import pytest
 
 ctranslate2 = pytest.importorskip("ctranslate2", reason="the CTranslate2 export needs pip install -e '.[interop]'")
 
+from conftest import multi30k_vocabulary  # noqa: E402
 from jaxformer import decode  # noqa: E402
-from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
+from jaxformer.data import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from jaxformer.io.ctranslate2 import (CTranslate2ExportError, translate_options,  # noqa: E402
                                       write_ctranslate2)
 from jaxformer.io import ctranslate2 as ct2_io  # noqa: E402
@@ -79,11 +80,7 @@ def calibrated_params(cfg: TransformerConfig, ids, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tokenizer(multi30k_dir, tmp_path_factory):
-    sentences = []
-    for lang in ("en", "de"):
-        with open(multi30k_dir / f"train.{lang}", encoding="utf-8") as f:
-            sentences += [line.strip() for line in islice(f, 300)]
-    return Tokenizer.train(sentences, 300, str(tmp_path_factory.mktemp("ct2vocab") / "vocab.model"))
+    return multi30k_vocabulary(multi30k_dir, 300, 300, tmp_path_factory.mktemp("ct2vocab") / "vocab.model")
 
 
 @pytest.fixture(scope="module")
