@@ -9,8 +9,7 @@ Rows, all from the same parameters on the same machine, one timed pass each:
   ctranslate2 float32 `write_ctranslate2` then `ctranslate2.Translator.translate_batch` with the options
   ctranslate2 int8    closest to ours (`jaxformer.io.ctranslate2.translate_options`; docs/serving.md)
   transformers        the Marian export (`write_marian`), `MarianMTModel.generate(num_beams=4)` with its
-                      generation_config.json;
-                      skipped with a note when that module is not there
+                      generation_config.json (skipped with a note for a model Marian cannot express)
 Each engine first translates the whole set once untimed (jaxformer compiles a search per batch shape;
 the others load and warm up), then once timed, tokenization and detokenization included. Each row has
 sentences/s and its ratio to jaxformer's, cased and lowercased sacreBLEU against the references, how many
@@ -40,28 +39,14 @@ COLUMNS = ["engine", "sentences", "seconds", "sentences_per_s", "speed_vs_jaxfor
            "same_as_jaxformer", "size_mb"]
 
 
-def load_model(path):
-    """The Translator (model, params, tokenizer, decode settings) of a training workdir or export directory."""
-    import jaxformer
-
-    if hasattr(jaxformer, "load"):
-        return jaxformer.load(path)
-    from jaxformer.translate import load_translator
-    return load_translator(path)
-
-
 def directory_mb(path: pathlib.Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20
 
 
 def write_native(translator, out: pathlib.Path) -> pathlib.Path:
     """Our own export format (params.safetensors + vocabulary + config), to measure its size."""
-    try:
-        from jaxformer.io import native
-    except ImportError:  # before jaxformer/io/native.py
-        from jaxformer.export import export_model
-        return export_model(out, translator.model.config, translator.params, translator.tokenizer,
-                            decode=translator.decode)
+    from jaxformer.io import native
+
     return native.write(translator, out)
 
 
@@ -101,25 +86,14 @@ def run_ctranslate2(translator, sentences, args, out: pathlib.Path, quantization
 
 
 def run_transformers(translator, sentences, args, out: pathlib.Path):
-    """(texts, seconds) of MarianMTModel.generate with beam 4, or None when the Marian export is not there."""
-    import importlib
-
-    writer = None
-    for name in ("jaxformer.io.marian_export", "jaxformer.io.marian"):
-        try:
-            writer = getattr(importlib.import_module(name), "write_marian", None)
-        except ImportError:
-            continue
-        if writer is not None:
-            break
-    if writer is None:
-        print("# transformers row skipped: no jaxformer.io.marian_export.write_marian (the Marian export) here")
-        return None
+    """(texts, seconds) of MarianMTModel.generate with beam 4, or None when Marian cannot express the model."""
     import torch
     from transformers import MarianMTModel, MarianTokenizer
 
+    from jaxformer.io.marian_export import write_marian
+
     try:
-        writer(out, translator.model.config, translator.params, translator.tokenizer, translator.decode)
+        write_marian(out, translator.model.config, translator.params, translator.tokenizer, translator.decode)
     except Exception as e:  # noqa: BLE001 - a model Marian cannot express: the other rows still stand
         print(f"# transformers row skipped: the Marian export failed: {type(e).__name__}: {e}")
         return None
@@ -151,16 +125,19 @@ def main(argv=None):
                         help="CTranslate2 / torch threads (default: every core)")
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary directory)")
     parser.add_argument("--one-device", action="store_true", help="jaxformer: do not split batches over the cores")
+    parser.add_argument("--tokenize", default="13a", help="sacreBLEU's tokenizer (none: pre-tokenized text, e.g. "
+                                                         "a model trained on Multi30k's tok/ files)")
     args = parser.parse_args(argv)
     if not args.one_device:
         from jaxformer import parallel
         parallel.use_every_cpu_core()
 
+    import jaxformer
     from jaxformer.evaluate import bleu_scores, read_lines
 
     sentences = read_lines(args.source)[: args.limit]
     references = read_lines(args.reference)[: args.limit]
-    translator = load_model(args.model)
+    translator = jaxformer.load(args.model)
     print(f"# {len(sentences)} sentences of {args.source}; model {args.model}; beam {args.beam_size}; "
           f"decode settings {translator.decode}")
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="jaxformer-serving-"))
@@ -183,7 +160,7 @@ def main(argv=None):
     ours, base = outputs["jaxformer"][0], outputs["jaxformer"][1]
     rows = []
     for engine, (texts, seconds, size) in outputs.items():
-        bleu = bleu_scores(texts, references)
+        bleu = bleu_scores(texts, references, tokenize=args.tokenize)
         rows.append({"engine": engine, "sentences": len(texts), "seconds": seconds,
                      "sentences_per_s": len(texts) / seconds, "speed_vs_jaxformer": base / seconds,
                      "bleu": bleu.score, "bleu_lc": bleu.lowercased.score, "signature": bleu.signature,
