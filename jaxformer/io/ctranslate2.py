@@ -19,18 +19,17 @@ Needs the `ctranslate2` package (`pip install -e '.[interop]'`); importing this 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
 import os
 import pathlib
-import shutil
 from typing import Any, Mapping
 
 import numpy as np
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from jaxformer.io.staging import staged_directory
 from jaxformer.model import TransformerConfig, sinusoidal_positions
 
 __all__ = ["write_ctranslate2", "translate_options", "CTranslate2ExportError", "SPM_FILE", "META_FILE",
@@ -66,8 +65,7 @@ def _ctranslate2():
 def unsupported(config: TransformerConfig) -> str | None:
     """Why CTranslate2's TransformerSpec cannot express this model, or None when it can."""
     heads = config.num_heads
-    d_k = config.d_k if config.d_k is not None else config.d_model // heads
-    d_v = config.d_v if config.d_v is not None else config.d_model // heads
+    d_k, d_v = config.head_dim_k, config.head_dim_v
     if d_k != d_v or d_k * heads != config.d_model:
         return (f"model.d_k={d_k}, model.d_v={d_v} with num_heads={heads}, d_model={config.d_model}: CTranslate2's "
                 f"Transformer needs d_k = d_v = d_model / num_heads")
@@ -260,10 +258,6 @@ def _check_output_dir(out: pathlib.Path) -> None:
         raise CTranslate2ExportError(f"{out} exists and is not empty; give a new (or empty) directory to write to")
 
 
-def _config_dict(config) -> dict:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
-
-
 def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, params, tokenizer,
                       decode_settings: Mapping | None = None, *, quantization: str = "float32") -> pathlib.Path:
     """Write the model as a CTranslate2 model directory `out_dir` (new, or an empty directory).
@@ -308,11 +302,9 @@ def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, par
         def _load(self):
             return spec
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with staged_directory(out) as tmp:
+        # CTranslate2's converter writes into a folder it creates itself
+        tmp.rmdir()
         try:
             _SpecConverter().convert(str(tmp), quantization=quantization)
         except (ValueError, RuntimeError, NotImplementedError) as e:
@@ -320,16 +312,10 @@ def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, par
         tokenizer.save(str(tmp / SPM_FILE))
         options = translate_options(settings, config.max_len, tokenizer=tokenizer)
         meta = {"format": FORMAT, "version": VERSION, "quantization": quantization,
-                "ctranslate2_version": ctranslate2.__version__, "model": _config_dict(config), "decode": settings,
+                "ctranslate2_version": ctranslate2.__version__, "model": config.to_dict(), "decode": settings,
                 "translate_options": options, "files": {"vocab": SPM_FILE}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         (tmp / README_FILE).write_text(_readme(out.name, quantization, settings, options))
-        if out.is_dir():  # empty: checked above
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote CTranslate2 model %s (%s)", out, quantization)
     return out
 

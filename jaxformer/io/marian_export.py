@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,6 +32,7 @@ import numpy as np
 from jaxformer.data.marian_vocab import MarianVocab
 from jaxformer.io.marian_layout import (MarianFormatError, attention_bias_map, feature_order, marian_config,
                                         parameter_map, to_marian, unsupported_for_marian, vocabulary_parameters)
+from jaxformer.io.staging import staged_directory
 
 __all__ = ["write_marian", "write", "marian_state_dict", "MarianFormatError"]
 
@@ -138,19 +137,11 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
         "generation_config.json": generation_config(config, settings, ids),
         "tokenizer_config.json": tokenizer_config(vocab, config, languages),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         vocab.write_files(tmp)
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if config.layer_norm_epsilon != 1e-5:
         log.info("MarianMTModel's LayerNorms use epsilon 1e-5; this model was trained with %g (weights unchanged)",
                  config.layer_norm_epsilon)

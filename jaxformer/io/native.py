@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxformer.config import decode_settings, saved_model_values
+from jaxformer.io.staging import staged_directory
 from jaxformer.model import Transformer, TransformerConfig, init_params
 from jaxformer.translate import Translator
 
@@ -83,16 +83,11 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()) and not is_export_dir(out):
         raise ExportError(f"{out} exists and is not an export directory; choose a new or empty --out")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     vocab_kind, vocab_name = _vocabulary_kind(tokenizer)
     version = 1 if vocab_kind == "sentencepiece" else VERSION  # older readers refuse a vocabulary they lack by it
     tree = params["params"] if "params" in params else params
     flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
     arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
-    save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
-    tokenizer.save(str(tmp / vocab_name))
     settings = decode_settings(translator.decode)
     meta: dict[str, Any] = {
         "format": FORMAT, "version": version, "model": config.to_dict(), "decode": settings,
@@ -104,12 +99,14 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
         meta["data"] = _plain(translator.config.data)
         if translator.config.train.get("bleu_tokenize"):
             meta["bleu_tokenize"] = str(translator.config.train.bleu_tokenize)
-    if jax_export:
-        meta["jax_export"] = _write_jax_export(tmp, config, {"params": tree}, settings,
-                                               int(jax_export_src_len), jax_export_platforms)
-        meta["files"]["jax_export"] = JAX_EXPORT_FILE
-    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _replace_dir(tmp, out)
+    with staged_directory(out) as tmp:
+        save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
+        tokenizer.save(str(tmp / vocab_name))
+        if jax_export:
+            meta["jax_export"] = _write_jax_export(tmp, config, {"params": tree}, settings,
+                                                   int(jax_export_src_len), jax_export_platforms)
+            meta["files"]["jax_export"] = JAX_EXPORT_FILE
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     log.info("exported %s (%d parameter arrays)", out, len(arrays))
     return out
 
@@ -120,17 +117,6 @@ def _vocabulary_kind(tokenizer) -> tuple[str, str]:
 
     kind = getattr(tokenizer, "kind", "sentencepiece")
     return kind, vocabulary_filename(kind)
-
-
-def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
-    """Put the finished directory `new` at `out`; an older one there is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def has_jax_export_support() -> bool:
