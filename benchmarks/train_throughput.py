@@ -4,8 +4,9 @@
     python benchmarks/train_throughput.py --shapes small --dtype bfloat16
 
 Shapes: "small" is d_model=256, 3+3 layers, 4 heads, d_ff=1024, vocab 8000, batch 64 x (32+32) tokens;
-"base" is the paper's base model (vocab 37000) on the same batch. The step is jaxformer.steps.Steps.train:
-forward, label-smoothed loss, backward and the Adam update, with dropout, over a mesh of every device.
+"base" is the paper's base model (vocab 37000) on the same batch; "tiny" only checks that it runs. The
+step is jaxformer.steps.Steps.train: forward, label-smoothed loss, backward and the Adam update, with
+dropout, over a mesh of every device.
 MFU divides the model's matmul FLOP/s by this machine's measured square-matmul peak for the dtype.
 """
 
@@ -31,6 +32,9 @@ SHAPES = {
     "small": dict(model=dict(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
                              num_decoder_layers=3), batch=64, src_len=32, tgt_len=32),
     "base": dict(model=dict(vocab_size=37000), batch=64, src_len=32, tgt_len=32),
+    # seconds to compile and run: checks that the benchmark runs (the README test); its figures mean little
+    "tiny": dict(model=dict(vocab_size=500, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1), batch=8, src_len=8, tgt_len=8),
 }
 
 

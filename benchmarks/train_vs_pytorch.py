@@ -6,7 +6,8 @@
 
 Shapes (float32, dropout 0.1, label smoothing 0.1, Adam(0.9, 0.98, 1e-9)):
   small: d_model 256, 3+3 layers, 4 heads, d_ff 1024, vocab 8000, batch 64 x (32+32) tokens;
-  base:  the paper's base model (d_model 512, 6+6 layers, 8 heads, d_ff 2048), vocab 37000, 16 x (32+32).
+  base:  the paper's base model (d_model 512, 6+6 layers, 8 heads, d_ff 2048), vocab 37000, 16 x (32+32);
+  tiny:  d_model 32, 1+1 layers, vocab 500, 8 x (8+8): a check that the benchmark runs, in seconds.
 
 jaxformer: `jaxformer.steps.Steps.train` (forward, label-smoothed loss, backward, Adam update; jit-compiled),
 on one CPU device. train.py splits each batch over every core instead (`train.cpu_data_parallel`); to time
@@ -56,6 +57,9 @@ SHAPES = {
     "small": dict(model=dict(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
                              num_decoder_layers=3), batch=64, src_len=32, tgt_len=32),
     "base": dict(model=dict(vocab_size=37000), batch=16, src_len=32, tgt_len=32),
+    # seconds to compile and run: checks that the benchmark runs (the README test); its figures mean little
+    "tiny": dict(model=dict(vocab_size=500, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1,
+                            num_decoder_layers=1), batch=8, src_len=8, tgt_len=8),
 }
 FLOP_FORMULA = ("3 * [L_enc*(n_src*(8d^2 + 4*d*d_ff) + 4*d*S*n_src) + L_dec*(n_tgt*(8d^2 + 4*d*d_ff) + "
                 "4*d*T*n_tgt + 4d^2*n_tgt + 4d^2*n_src + 4*d*S*n_tgt) + 2*d*V*n_tgt], n_* = non-pad tokens")

@@ -34,7 +34,7 @@ from jaxformer.config import default_config
 from jaxformer.data import TokenCache, Tokenizer, make_batches
 from jaxformer.train import _Trainer, run
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import FAST_COMPILE, REPO
 STEPS = 10
 TIMEOUT = 300  # seconds for any one 2-process run (the shared 2-core machine can be very loaded); a hang fails the test
 
@@ -94,7 +94,8 @@ def launch(config, tmp_path, name: str, processes: int = 2) -> list[tuple[subpro
     port = free_port()
     started = []
     for i in range(processes):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+                   JAX_PLATFORMS="cpu",
                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i), PYTHONPATH=str(REPO),
                    PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(compile_cache),

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import MULTI30K, REPO
+from conftest import FAST_COMPILE, MULTI30K, REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -57,10 +57,10 @@ RULES = [
     # The hub command is the files run above but for the hub, which is unreachable here, and the WMT14
     # recipes differ from it only in config values that test_train's recipe test checks: not run again.
     (r"^python train\.py --config configs/(multi30k|wmt14_base|wmt14_big)\.py", None),
-    (r"^python benchmarks/train_throughput\.py", "--shapes small --repeats 1"),
+    (r"^python benchmarks/train_throughput\.py", "--shapes tiny --repeats 1"),
     # PyTorch is a benchmark-only extra ('.[bench]'): the comparison runs where it is installed.
-    (r"^python benchmarks/train_vs_pytorch\.py", "--shapes small --repeats 1" if HAVE_TORCH else None),
-    (r"^python benchmarks/step_ab\.py", "--shapes small --repeats 1"),
+    (r"^python benchmarks/train_vs_pytorch\.py", "--shapes tiny --repeats 1" if HAVE_TORCH else None),
+    (r"^python benchmarks/step_ab\.py", "--shapes tiny --repeats 1"),
     (r"^python benchmarks/decode_speed\.py --random", "--sentences 2 --src-tokens 3 --max-len 6 --repeats 1"),
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
@@ -137,16 +137,20 @@ def run_readme_command(command: str, extra: str, sandbox: pathlib.Path) -> subpr
             recipe = re.search(r"configs/(\w+)\.py", command)
             extra += f" --workdir {sandbox}/runs/{recipe.group(1) if recipe else 'default'}"
     assert "runs/" not in command.replace(f"{sandbox}/runs/", ""), command
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop has
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_COMPILE)  # no device count: train.py's own
     return subprocess.run(f"{command} {extra}", shell=True, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
-def test_readme_commands_and_snippets_run(sandbox):
-    """One test, in README order: later commands and the snippets use the runs the first ones make."""
-    ran = []
-    for command in readme_commands():
+def stands_alone(command: str) -> bool:
+    """A benchmark that reads no run: it can run beside the commands that make and use runs/."""
+    return command.startswith("python benchmarks/") and "runs/" not in command
+
+
+def run_commands(commands: list[str], sandbox: pathlib.Path) -> dict[str, str]:
+    """Runs each command with its smoke rule, in order; returns each one's standard output."""
+    outputs = {}
+    for command in commands:
         _, extra = rule_for(command)
         if extra is None:
             continue
@@ -155,11 +159,18 @@ def test_readme_commands_and_snippets_run(sandbox):
         print(f"{time.monotonic() - started:6.1f} s  {command}")
         assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-3000:]}\n" \
                                        f"{result.stderr[-3000:]}"
-        ran.append((command, result))
-    outputs = {c: r.stdout for c, r in ran}
+        outputs[command] = result.stdout
+        if command == "python train.py":  # the device line is logged
+            outputs[command] += result.stderr
+    return outputs
+
+
+def test_readme_commands_and_snippets_run(sandbox):
+    """In README order: later commands and the snippets use the runs the first ones make."""
+    outputs = run_commands([c for c in readme_commands() if not stands_alone(c)], sandbox)
     # On a CPU, train.py makes every core a JAX device and splits each batch over them.
-    default_train = next(r for c, r in ran if c == "python train.py")
-    assert f"; {os.cpu_count()} device(s) over 1 process(es)" in default_train.stderr, default_train.stderr[-2000:]
+    default_train = outputs["python train.py"]
+    assert f"; {os.cpu_count()} device(s) over 1 process(es)" in default_train, default_train[-2000:]
     # What the commands promise to leave behind.
     assert (sandbox / "runs" / "default" / "curves.png").exists()
     assert len(list((sandbox / "runs" / "default" / "checkpoints").iterdir())) >= 5
@@ -170,6 +181,24 @@ def test_readme_commands_and_snippets_run(sandbox):
     assert len((sandbox / "numbers.de").read_text(encoding="utf-8").splitlines()) == 2
     translate_stdin = next(o for c, o in outputs.items() if c.startswith("echo"))
     assert len(translate_stdin.strip().splitlines()) == 1
+
+    blocks = readme_blocks("python")
+    assert blocks, "README shows no Python"
+    for block in blocks:
+        if re.search(r"^(import|from) (ctranslate2|transformers)", block, flags=re.M) and not HAVE_INTEROP:
+            continue
+        code = block.replace('"runs/', f'"{sandbox}/runs/')
+        env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, f"README snippet failed:\n{block}\n{result.stderr[-3000:]}"
+
+
+def test_readme_benchmarks_that_read_no_run_run(sandbox):
+    """The benchmark commands that need no run, as a second test that pytest -n runs beside the first."""
+    commands = [c for c in readme_commands() if stands_alone(c)]
+    assert any("train_throughput" in c for c in commands)
+    outputs = run_commands(commands, sandbox)
     assert any("tokens_per_s" in o for c, o in outputs.items() if "train_throughput" in c)
     assert any('"same_tokens": true' in o for c, o in outputs.items() if "--compare" in c)
     if HAVE_TORCH:
@@ -178,15 +207,3 @@ def test_readme_commands_and_snippets_run(sandbox):
     assert pipeline and all('"pass": "first"' in o and '"pass": "cached"' in o and "padding_efficiency" in o
                             for o in pipeline)
     assert any('"loop_over_alone"' in o for o in pipeline)
-
-    blocks = readme_blocks("python")
-    assert blocks, "README shows no Python"
-    for block in blocks:
-        if re.search(r"^(import|from) (ctranslate2|transformers)", block, flags=re.M) and not HAVE_INTEROP:
-            continue
-        code = block.replace('"runs/', f'"{sandbox}/runs/')
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
-        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, f"README snippet failed:\n{block}\n{result.stderr[-3000:]}"
