@@ -20,8 +20,9 @@ The anchor's protocol (LividWo/Revisit-MMT, README-baseline.md; fairseq defaults
   source tokens), beam 5 (fairseq divides scores by length; alpha 1.0 is the nearest length penalty).
 The anchor trains up to 8,000 updates, stopping after 10 epochs without validation improvement; this
 recipe trains for the 2-hour budget on 2 CPU cores instead (120 min scaled by the machine's PyTorch small
-step / 1.4 s): on the project's machine 120 x 0.986 / 1.4 = 84.5 min at 1.87 s per 8,192-slot step, so
-2,700 steps (benchmarks/README.md, Multi30k recipes). On another machine, set train.steps from the same sum.
+step / 1.4 s): on the project's machine 120 x 0.986 / 1.4 = 84.5 min at 1.95 s per 8,192-slot step
+(validations and checkpoints included), so 2,600 steps (benchmarks/README.md, Multi30k recipes, rows 12
+and 13). On another machine, set train.steps from the same sum.
 """
 
 from jaxformer.config import default_config
@@ -54,7 +55,7 @@ def get_config():
     c.data.max_len = 64
 
     c.train.workdir = "runs/multi30k_tok"
-    c.train.steps = 2700             # the 2-hour budget on the project's 2 CPU cores (see above)
+    c.train.steps = 2600             # the 2-hour budget on the project's 2 CPU cores (see above)
     c.train.warmup_steps = 2000
     c.train.lr_scale = PEAK_LR * (c.model.d_model * c.train.warmup_steps) ** 0.5  # peak 0.005 at step 2,000
     c.train.adam_eps = 1e-8          # fairseq's default

@@ -4,8 +4,8 @@ import os
 import tempfile
 
 # The tests check behaviour, not speed, and on the CPU most of their time is XLA compiling many small programs:
-# compile them quickly (about half the compile time; the programs compute the same). Also given to the
-# processes the tests start.
+# compile them quickly (the programs compute the same; the suite's time with and without: benchmarks/README.md,
+# "The test suite"). Also given to the processes the tests start.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Must happen before jax is imported anywhere: 4 host "devices" for the data-parallel tests.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")

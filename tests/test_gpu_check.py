@@ -39,7 +39,7 @@ def test_dry_run_writes_every_part(tmp_path, multi30k_dir):
                 (data / f"{name}.{lang}").write_text("".join(f.readline() for _ in range(lines)), encoding="utf-8")
     out = tmp_path / "out"
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as the check's own processes choose (a dry run compiles fast)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as the check's own processes choose (its dry run sets quick-compile flags itself)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
                            "--data", str(data), "--work", str(tmp_path / "work")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -35,6 +35,7 @@ from jaxformer.data import TokenCache, Tokenizer, make_batches
 from jaxformer.train import _Trainer, run
 
 from conftest import FAST_COMPILE, REPO
+
 STEPS = 10
 TIMEOUT = 300  # seconds for any one 2-process run (the shared 2-core machine can be very loaded); a hang fails the test
 
