@@ -79,3 +79,9 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return "" if value is None else str(value)
+
+
+# A shape of the train benchmarks that compiles and runs in seconds: it checks that a benchmark runs (the README
+# test); its figures mean little.
+TINY_SHAPE = dict(model=dict(vocab_size=500, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1,
+                             num_decoder_layers=1), batch=8, src_len=8, tgt_len=8)

@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import device_summary, matmul_peak_flops, report, time_calls, transformer_train_flops  # noqa: E402
+from common import (TINY_SHAPE, device_summary, matmul_peak_flops, report, time_calls,  # noqa: E402
+                    transformer_train_flops)
 from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig  # noqa: E402
@@ -32,9 +33,7 @@ SHAPES = {
     "small": dict(model=dict(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
                              num_decoder_layers=3), batch=64, src_len=32, tgt_len=32),
     "base": dict(model=dict(vocab_size=37000), batch=64, src_len=32, tgt_len=32),
-    # seconds to compile and run: checks that the benchmark runs (the README test); its figures mean little
-    "tiny": dict(model=dict(vocab_size=500, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1,
-                            num_decoder_layers=1), batch=8, src_len=8, tgt_len=8),
+    "tiny": TINY_SHAPE,
 }
 
 

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import device_summary, report  # noqa: E402
+from common import TINY_SHAPE, device_summary, report  # noqa: E402
 from jaxformer import parallel  # noqa: E402
 from jaxformer.config import default_config  # noqa: E402
 from jaxformer.data import PAD_ID  # noqa: E402
@@ -57,9 +57,7 @@ SHAPES = {
     "small": dict(model=dict(vocab_size=8000, d_model=256, d_ff=1024, num_heads=4, num_encoder_layers=3,
                              num_decoder_layers=3), batch=64, src_len=32, tgt_len=32),
     "base": dict(model=dict(vocab_size=37000), batch=16, src_len=32, tgt_len=32),
-    # seconds to compile and run: checks that the benchmark runs (the README test); its figures mean little
-    "tiny": dict(model=dict(vocab_size=500, d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1,
-                            num_decoder_layers=1), batch=8, src_len=8, tgt_len=8),
+    "tiny": TINY_SHAPE,
 }
 FLOP_FORMULA = ("3 * [L_enc*(n_src*(8d^2 + 4*d*d_ff) + 4*d*S*n_src) + L_dec*(n_tgt*(8d^2 + 4*d*d_ff) + "
                 "4*d*T*n_tgt + 4d^2*n_tgt + 4d^2*n_src + 4*d*S*n_tgt) + 2*d*V*n_tgt], n_* = non-pad tokens")
