@@ -163,6 +163,22 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+# XLA's CPU client lets 32 programs wait for each device. The launch of one more blocks a thread of the pool
+# that also runs the programs; with few cores a multi-device program then waits in its all-reduce for a
+# device part that cannot start, and XLA aborts after 40 s ("Termination timeout ... all reduce"). Loops
+# that dispatch without fetching wait for the device every this many programs.
+CPU_PROGRAMS_IN_FLIGHT = 16
+
+
+def programs_in_flight(mesh: Mesh) -> int | None:
+    """How many programs a loop may dispatch on `mesh` before it waits for them: `CPU_PROGRAMS_IN_FLIGHT`
+    on several CPU devices, None (no limit) on one device or on accelerators."""
+    devices = mesh.devices.flat
+    if mesh.devices.size > 1 and all(d.platform == "cpu" for d in devices):
+        return CPU_PROGRAMS_IN_FLIGHT
+    return None
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (parameters, optimizer state, scalars)."""
     return NamedSharding(mesh, PartitionSpec())

@@ -130,6 +130,7 @@ class Steps:
     def __init__(self, model: Transformer, tx: optax.GradientTransformation, mesh, *, label_smoothing: float,
                  shard_optimizer_state: bool = False):
         self.model, self.tx, self.mesh = model, tx, mesh
+        self.in_flight = parallel.programs_in_flight(mesh)  # programs a loop may queue before it waits
         out = parallel.replicated(mesh)
         self._shapes = shapes = jax.eval_shape(self._init, 0)
         split = (lambda s: parallel.split_over_data(mesh, s.shape)) if shard_optimizer_state else (lambda s: out)
@@ -177,8 +178,9 @@ class Steps:
     def evaluate(self, params, batches) -> dict:
         """Host sums (loss, nll, correct, tokens) over global batches, without dropout."""
         totals = self._zero_sums()
-        for batch in batches:
+        for i, batch in enumerate(batches, 1):
             totals = self._eval(params, batch, totals)
+            self._pace(i + 1, totals)  # after `_zero_sums` and i evaluations
         return jax.device_get(totals)
 
     def update(self, state: TrainState, batches: list) -> tuple[TrainState, dict]:
@@ -188,7 +190,13 @@ class Steps:
         accumulated = self.zeros(state.params)
         for i, batch in enumerate(batches):
             accumulated = self.accumulate(state, batch, accumulated, i)
+            self._pace(i + 2, accumulated[1])  # after `zeros` and i + 1 micro-steps
         return self.apply(state, accumulated)
+
+    def _pace(self, dispatched: int, output) -> None:
+        """Wait for `output` after every `in_flight` programs a loop dispatched (parallel.programs_in_flight)."""
+        if self.in_flight and dispatched % self.in_flight == 0:
+            jax.block_until_ready(output)
 
 
 

@@ -279,6 +279,37 @@ def test_gradient_accumulation_equals_one_big_batch(multi30k_batches, steps4):
     assert_same_params(jax.device_get(acc.params), jax.device_get(big.params))
 
 
+def test_loops_wait_for_a_multi_device_cpu_before_its_queue_fills(multi30k_batches, steps4, monkeypatch):
+    """XLA's CPU client blocks a thread of its pool when a 33rd program waits for a device; a multi-device
+    program then waits for ever in its all-reduce, and XLA aborts after 40 s. So evaluation, accumulation
+    and the train loop wait every parallel.CPU_PROGRAMS_IN_FLIGHT programs, with unchanged sums."""
+    steps, mesh = steps4, steps4.mesh
+    limit = parallel.CPU_PROGRAMS_IN_FLIGHT
+    assert steps.in_flight == limit and parallel.programs_in_flight(parallel.make_mesh(jax.devices()[:1])) is None
+    queued, most = [0], [0]
+    for name in ("_zero_sums", "_eval", "zeros", "accumulate"):
+        def counted(*args, _original=getattr(steps, name)):
+            queued[0] += 1
+            most[0] = max(most[0], queued[0])
+            return _original(*args)
+        monkeypatch.setattr(steps, name, counted)
+    wait = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: (queued.__setitem__(0, 0), wait(x))[1])
+    batch = parallel.shard_batch(multi30k_batches[0], mesh)
+    state = steps.init_state(0)
+    one = steps.evaluate(state.params, [batch])
+    queued[0] = most[0] = 0
+    forty = steps.evaluate(state.params, [batch] * 40)
+    assert most[0] == limit  # zeros and 15 evaluations, then a wait; 16 and a wait; 9
+    np.testing.assert_allclose(forty["nll"], 40 * one["nll"], rtol=1e-5)
+    queued[0] = most[0] = 0
+    _, metrics = steps.update(state, [batch] * 20)  # zeros + 20 micro-steps (+ apply)
+    assert most[0] == limit and float(metrics["tokens"]) == 20 * float(one["tokens"])
+    from jaxformer.train import _steps_ahead  # the loop's updates in flight: 2, fewer with accumulation
+    assert [_steps_ahead(None, 8), _steps_ahead(limit, 1), _steps_ahead(limit, 4), _steps_ahead(limit, 8)] == \
+        [2, 2, 1, 0]
+
+
 def test_sharded_optimizer_state_updates_like_a_replicated_one(multi30k_batches, steps4, tmp_path):
     """train.shard_optimizer_state: each device keeps 1/4 of Adam's moments, the updates (one plain, one
     accumulated) are those of the replicated state, and checkpoints move between the two placements."""
