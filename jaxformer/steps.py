@@ -193,6 +193,14 @@ class Steps:
             self._pace(i + 2, accumulated[1])  # after `zeros` and i + 1 micro-steps
         return self.apply(state, accumulated)
 
+    def updates_ahead(self, grad_accum_steps: int, most: int) -> int:
+        """How many `update`s of `grad_accum_steps` batches a loop may dispatch beyond the last finished one:
+        `most`, fewer where the device's queue is bounded (an update is 1 program, or grad_accum_steps + 2)."""
+        if not self.in_flight:
+            return most
+        per_update = 1 if grad_accum_steps == 1 else grad_accum_steps + 2
+        return max(0, min(most, self.in_flight // per_update - 1))
+
     def _pace(self, dispatched: int, output) -> None:
         """Wait for `output` after every `in_flight` programs a loop dispatched (parallel.programs_in_flight)."""
         if self.in_flight and dispatched % self.in_flight == 0:

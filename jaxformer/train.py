@@ -42,15 +42,6 @@ log = logging.getLogger(__name__)
 _STEPS_AHEAD = 2
 
 
-def _steps_ahead(in_flight: int | None, grad_accum_steps: int) -> int:
-    """_STEPS_AHEAD, or fewer where the device's queue is bounded (`parallel.programs_in_flight`): an update
-    is one program, or grad_accum_steps + 2 with accumulation."""
-    if in_flight is None:
-        return _STEPS_AHEAD
-    per_update = 1 if grad_accum_steps == 1 else grad_accum_steps + 2
-    return max(0, min(_STEPS_AHEAD, in_flight // per_update - 1))
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says what to do."""
 
@@ -125,6 +116,7 @@ class _Trainer:
         self.mesh = parallel.make_mesh()
         self.schedule = learning_rate_schedule(self.model_cfg.d_model, self.t.warmup_steps, self.t.lr_scale)
         self.steps = Steps.from_config(self.model, self.t, self.mesh)
+        self.steps_ahead = self.steps.updates_ahead(int(self.t.grad_accum_steps), _STEPS_AHEAD)
         self.store = ckpt.CheckpointStore(workdir / ckpt.CHECKPOINT_DIR, keep=self.t.keep_checkpoints,
                                           async_save=self.t.async_checkpointing)
         self._valid_batches = None
@@ -235,9 +227,8 @@ class _Trainer:
         batches = [next(loop.batches) for _ in range(int(self.t.grad_accum_steps))]
         loop.state, step_metrics = self.steps.update(loop.state, batches)
         loop.window.append((step, step_metrics))
-        ahead = _steps_ahead(self.steps.in_flight, int(self.t.grad_accum_steps))
-        if len(loop.window) > ahead:  # bound how far the host runs ahead of the device
-            jax.block_until_ready(loop.window[-1 - ahead][1]["loss"])
+        if len(loop.window) > self.steps_ahead:  # bound how far the host runs ahead of the device
+            jax.block_until_ready(loop.window[-1 - self.steps_ahead][1]["loss"])
         loop.bar.update(1)
 
     def stop_requested(self, loop: _Loop, stop: StopSignals) -> bool:

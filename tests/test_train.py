@@ -305,9 +305,10 @@ def test_loops_wait_for_a_multi_device_cpu_before_its_queue_fills(multi30k_batch
     queued[0] = most[0] = 0
     _, metrics = steps.update(state, [batch] * 20)  # zeros + 20 micro-steps (+ apply)
     assert most[0] == limit and float(metrics["tokens"]) == 20 * float(one["tokens"])
-    from jaxformer.train import _steps_ahead  # the loop's updates in flight: 2, fewer with accumulation
-    assert [_steps_ahead(None, 8), _steps_ahead(limit, 1), _steps_ahead(limit, 4), _steps_ahead(limit, 8)] == \
-        [2, 2, 1, 0]
+    one_device = Steps(steps.model, steps.tx, parallel.make_mesh(jax.devices()[:1]), label_smoothing=0.1)
+    # the train loop's updates in flight: 2, fewer with accumulation
+    assert [one_device.updates_ahead(8, 2), steps.updates_ahead(1, 2), steps.updates_ahead(4, 2),
+            steps.updates_ahead(8, 2)] == [2, 2, 1, 0]
 
 
 def test_sharded_optimizer_state_updates_like_a_replicated_one(multi30k_batches, steps4, tmp_path):
