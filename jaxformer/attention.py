@@ -130,5 +130,5 @@ def attend_head_major(query, key, value, mask=None):
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.float32(_MASKED))
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bhts,bhsv->bthv", probs, value, preferred_element_type=jnp.float32)
-    return out.astype(query.dtype)
+    out = jnp.einsum("bhts,bhsv->bhtv", probs, value, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(out, 1, 2).astype(query.dtype)  # a [B,T,H,V] product ran 1.8x slower on XLA CPU

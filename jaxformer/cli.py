@@ -24,6 +24,8 @@ import logging
 import sys
 from typing import Any
 
+from jaxformer.config import DECODE_PARALLEL, STOP_RULES
+
 __all__ = ["main"]
 
 log = logging.getLogger("jaxformer")
@@ -53,10 +55,17 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="alpha in ((5 + len) / 6) ** alpha (paper: 0.6)")
     g.add_argument("--max-extra-len", type=int, default=None, help="output at most input length + this (paper: 50)")
     g.add_argument("--batch-size", type=int, default=None, help="sentences per decoding batch")
+    g.add_argument("--stop", choices=STOP_RULES, default=None,
+                   help="beam search stops a sentence when no live beam can win (bound, the default) or once it "
+                        "has beam-size finished hypotheses (finished: CTranslate2's and fairseq's rule)")
+    g.add_argument("--parallel", choices=DECODE_PARALLEL, default=None,
+                   help="several local devices: split each batch over them, or give each device its own "
+                        "batches (auto: batches on CPU cores, split on accelerators)")
 
 
 def _decode_overrides(args) -> dict:
-    return {k: getattr(args, k) for k in ("beam_size", "length_penalty", "max_extra_len", "batch_size")}
+    return {k: getattr(args, k) for k in ("beam_size", "length_penalty", "max_extra_len", "batch_size",
+                                            "stop", "parallel")}
 
 
 def parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:

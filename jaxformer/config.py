@@ -13,6 +13,9 @@ from typing import Mapping
 
 import ml_collections
 
+STOP_RULES = ("bound", "finished")  # decode.stop: beam search's stopping rules (`jaxformer.decode.beam_search`)
+DECODE_PARALLEL = ("auto", "split", "batches")  # decode.parallel: how a search uses several local devices
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -120,6 +123,11 @@ def default_config() -> ml_collections.ConfigDict:
     dc.length_penalty = 0.6         # alpha in ((5 + len) / 6) ** alpha
     dc.max_extra_len = 50           # output at most input length + this
     dc.batch_size = 64
+    dc.stop = "bound"               # beam search stops a sentence when no live beam can beat its best ("bound"),
+    #                                 or once it has beam_size finished hypotheses ("finished": fairseq, CTranslate2)
+    dc.parallel = "auto"            # several local devices: "split" each batch over them (one search in lockstep),
+    #                                 "batches" (each device its own batches, no per-step collective), "auto":
+    #                                 batches on CPU devices, split on accelerators
     return c
 
 
@@ -187,6 +195,9 @@ def decode_settings(decode_cfg: Mapping | None = None, **overrides) -> dict:
             raise ValueError(f"decode.{key} must be >= 1, got {settings[key]}")
     if int(settings["max_extra_len"]) < 0:
         raise ValueError(f"decode.max_extra_len must be >= 0, got {settings['max_extra_len']}")
+    for key, choices in (("stop", STOP_RULES), ("parallel", DECODE_PARALLEL)):
+        if settings[key] not in choices:
+            raise ValueError(f"decode.{key}: unknown option {settings[key]!r}; choose one of {', '.join(choices)}")
     return settings
 
 

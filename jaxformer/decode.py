@@ -4,7 +4,11 @@ Both searches encode the source once, run the first decoder step on the encoder
 output (which computes and caches every layer's cross-attention keys/values,
 once per sentence), and then feed one token per step with `encoded=None`, so
 later steps read those keys/values from the cache. The loop is a
-`jax.lax.while_loop` that stops as soon as every row is done.
+`jax.lax.while_loop` that stops as soon as every row is done, in segments
+(`search_segments`): steps before position 16 attend over a 16-position
+self-attention cache, then 32, ..., then the whole buffer, and a search that is
+done never makes the larger caches. Each search also returns its step count and
+each row's `done_at` step (the row-steps it needed).
 
 Conventions shared by everything here:
   * `src` is [B, S] int32: tokens + EOS, right-padded with PAD. An all-PAD row is
@@ -31,7 +35,9 @@ live; the best finished hypothesis so far is kept. A row is done when no live
 beam can beat it: a live beam's log-prob only falls, so its final score is at most
 its log-prob over the most favourable length penalty left (at the length limit
 when alpha >= 0), the bound of the Flax WMT / tensor2tensor beam search. Finished
-hypotheses are padded with PAD after their EOS.
+hypotheses are padded with PAD after their EOS. That is `stop="bound"`, the
+default. `stop="finished"` is fairseq's and CTranslate2's rule instead: a row is
+done once K hypotheses have finished, and scores are sum / len**alpha.
 
 The caches, and how the beams of a sentence share them, are `jaxformer.decode_cache`'s.
 
@@ -49,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.decode_cache import beam_search_cache, reorder_beams
+from jaxformer.config import STOP_RULES
+from jaxformer.decode_cache import beam_search_cache, grow_cache, reorder_beams
 from jaxformer.model import Transformer, TransformerConfig
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
@@ -58,6 +65,7 @@ __all__ = ["length_penalty", "greedy_search", "beam_search", "score_sequences", 
            "decode_buffer_len", "init_cache", "NEG_INF"]
 
 NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
+FIRST_SEGMENT = 16  # the first cache length of a search (see `search_segments`)
 
 
 def length_penalty(length, alpha):
@@ -147,6 +155,32 @@ def _encode(model, variables, src):
 
 # ----------------------------------------------------------------------------- greedy
 
+def search_segments(buffer_len: int) -> tuple[int, ...]:
+    """The cache lengths a search grows through: FIRST_SEGMENT, doubling, then the buffer length L (a last
+    doubling within 1.5x of L is merged into it). Steps before position T attend over a T-position cache,
+    not the whole L-position buffer; each segment is one `while_loop` of the same compiled step."""
+    bounds, length = [], FIRST_SEGMENT
+    while length < buffer_len:
+        bounds.append(length)
+        length *= 2
+    if bounds and buffer_len < 1.5 * bounds[-1]:
+        bounds.pop()
+    return tuple(bounds) + (int(buffer_len),)
+
+
+def _segmented_loop(segments, state, body, all_done):
+    """Run `body` over state = (i, ..., cache) while i < the segment's end and not `all_done(state)`, segment
+    by segment, the cache grown between segments; a search that is done skips the later segments (their
+    larger caches are never made). Returns the state without the cache."""
+    def run(n, state):
+        state = jax.lax.while_loop(lambda s: (s[0] < segments[n]) & ~all_done(s), body, state)
+        if n + 1 == len(segments):
+            return state[:-1]
+        grown = lambda s: run(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),))  # noqa: E731
+        return jax.lax.cond(all_done(state), lambda s: s[:-1], grown, state)
+    return run(0, state)
+
+
 def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
     """Where `at_limit` ([N] or broadcastable to log_probs[..., 0]), only EOS can follow: every other token's
     log-prob becomes NEG_INF and EOS keeps its own (it is not renormalised, so its cost counts)."""
@@ -158,8 +192,9 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
+    segments = search_segments(buffer_len)
     src_mask, encoded = _encode(model, variables, src)
-    cache = init_cache(cfg, batch, src_len, buffer_len)
+    cache = init_cache(cfg, batch, src_len, segments[0])
     # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
     logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                  jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
@@ -167,23 +202,23 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     first = _first_argmax(logits)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
-
-    def cond(state):
-        i, _, _, done = state
-        return (i < buffer_len) & ~jnp.all(done)
+    done_at = jnp.where(done, 1, 0).astype(jnp.int32)
 
     def body(state):
-        i, tokens, cache, done = state
+        i, tokens, done, done_at, cache = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
         logits = _force_eos(logits, i + 1 >= limits)
         token = jnp.where(done, PAD_ID, _first_argmax(logits))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
-        done = done | (token == EOS_ID) | (i + 1 >= limits)
-        return i + 1, tokens, cache, done
+        finished = done | (token == EOS_ID) | (i + 1 >= limits)
+        done_at = jnp.where(finished & ~done, i + 1, done_at)
+        return i + 1, tokens, finished, done_at, cache
 
-    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))
-    return tokens
+    state = _segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, cache), body,
+                            lambda state: jnp.all(state[2]))
+    i, tokens, _, done_at = state
+    return {"tokens": tokens, "steps": i, "done_at": done_at}
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,7 +235,7 @@ def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_l
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src)
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src)["tokens"]
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -210,24 +245,28 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha):
+def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
+          stop: str = "bound"):
     cfg = model.config
     batch, src_len = src.shape
-    k, length_cap = beam_size, buffer_len
+    k = beam_size
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)  # [B]
     alpha = jnp.asarray(alpha, jnp.float32)
+    segments = search_segments(buffer_len)
+    penalty = length_penalty if stop == "bound" else (lambda length, a: length ** a)  # fairseq / CTranslate2
 
     # The first step runs on B rows: every beam starts from the same BOS, so the cross-attention keys/values
     # (and the BOS self-attention entry) are computed once per sentence; then K beams per sentence.
     src_mask, encoded = _encode(model, variables, src)
-    cache = init_cache(cfg, batch, src_len, buffer_len)
+    cache = init_cache(cfg, batch, src_len, segments[0])
     first_log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                           jnp.full((batch,), BOS_ID, jnp.int32))
     cache = beam_search_cache(cache, k)
     vocab = first_log_probs.shape[-1]
 
-    def select(i, log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done):
+    def select(i, log_probs, search):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
+        live_seqs, live_scores, fin_seqs, fin_scores, fin_count, done, done_at = search
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
@@ -241,8 +280,8 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         # A hypothesis is finished by EOS among the top K candidates (so K=1 follows the greedy path), or by
         # reaching the row's length limit (then every candidate ends in EOS and the best is finished).
         in_top_k = jnp.arange(2 * k)[None, :] < k
-        finishing = valid & ((is_eos & in_top_k) | at_limit)
-        new_fin = jnp.where(finishing, top_scores / length_penalty(length, alpha), NEG_INF)
+        finishing = valid & ((is_eos & in_top_k) | at_limit) & ~done[:, None]
+        new_fin = jnp.where(finishing, top_scores / penalty(length, alpha), NEG_INF)
         best = jnp.argmax(new_fin, axis=1)  # [B]
         best_score = jnp.take_along_axis(new_fin, best[:, None], axis=1)[:, 0]
         better = (best_score > fin_scores) & ~done
@@ -254,63 +293,69 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         live_scores, keep = jax.lax.top_k(live_candidates, k)  # [B,K]
         live_seqs = _gather_beams(seqs, keep)
         origin = jnp.take_along_axis(origin, keep, axis=1)
-        # Early termination: a live beam's score can only fall as it grows, and its final score is at most
-        # its log-prob over the most favourable length penalty left (at the limit for alpha >= 0).
-        remaining = [length_penalty(length + 1.0, alpha), length_penalty(limits.astype(jnp.float32), alpha)]
-        bound = jnp.maximum(live_scores[:, 0] / remaining[0], live_scores[:, 0] / remaining[1])
-        done = done | (i + 1 >= limits) | (fin_scores >= bound) | (live_scores[:, 0] <= NEG_INF / 2)
-        return live_seqs, live_scores, fin_seqs, fin_scores, done, origin
+        if stop == "bound":
+            # A live beam's score can only fall as it grows, and its final score is at most its log-prob over
+            # the most favourable length penalty left (at the limit for alpha >= 0).
+            remaining = [length_penalty(length + 1.0, alpha), length_penalty(limits.astype(jnp.float32), alpha)]
+            bound = jnp.maximum(live_scores[:, 0] / remaining[0], live_scores[:, 0] / remaining[1])
+            finished = fin_scores >= bound
+        else:  # "finished": K hypotheses have ended, the rule of fairseq and CTranslate2 (patience 1)
+            fin_count = fin_count + jnp.sum(finishing, axis=1, dtype=jnp.int32)
+            finished = fin_count >= k
+        now_done = done | (i + 1 >= limits) | finished | (live_scores[:, 0] <= NEG_INF / 2)
+        done_at = jnp.where(now_done & ~done, i + 1, done_at)
+        return (live_seqs, live_scores, fin_seqs, fin_scores, fin_count, now_done, done_at), origin
 
-    live_seqs = jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32)
-    live_scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))  # one live beam
-    fin_seqs = jnp.full((batch, buffer_len), PAD_ID, jnp.int32)
-    fin_scores = jnp.full((batch,), NEG_INF, jnp.float32)
-    done = jnp.zeros((batch,), bool)
-    log_probs = jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab))
-    live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
-        jnp.int32(0), log_probs, live_seqs, live_scores, fin_seqs, fin_scores, done)
+    search = (jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32),  # live_seqs
+              jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1)),  # one live beam
+              jnp.full((batch, buffer_len), PAD_ID, jnp.int32),  # fin_seqs
+              jnp.full((batch,), NEG_INF, jnp.float32),  # fin_scores
+              jnp.zeros((batch,), jnp.int32),  # fin_count
+              jnp.zeros((batch,), bool),  # done
+              jnp.zeros((batch,), jnp.int32))  # done_at
+    search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab)), search)
     cache = reorder_beams(cache, origin)
 
-    def cond(state):
-        i, *_, done, _ = state
-        return (i < length_cap) & ~jnp.all(done)
-
     def body(state):
-        i, live_seqs, live_scores, fin_seqs, fin_scores, done, cache = state
-        previous = jax.lax.dynamic_index_in_dim(live_seqs, i - 1, axis=2, keepdims=False)  # [B,K]
+        i, search, cache = state
+        previous = jax.lax.dynamic_index_in_dim(search[0], i - 1, axis=2, keepdims=False)  # [B,K]
         log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k))
-        live_seqs, live_scores, fin_seqs, fin_scores, done, origin = select(
-            i, log_probs.reshape(batch, k, vocab), live_seqs, live_scores, fin_seqs, fin_scores, done)
-        cache = reorder_beams(cache, origin)
-        return i + 1, live_seqs, live_scores, fin_seqs, fin_scores, done, cache
+        search, origin = select(i, log_probs.reshape(batch, k, vocab), search)
+        return i + 1, search, reorder_beams(cache, origin)
 
-    state = (jnp.int32(1), live_seqs, live_scores, fin_seqs, fin_scores, done, cache)
-    _, _, _, fin_seqs, fin_scores, _, _ = jax.lax.while_loop(cond, body, state)
-    return fin_seqs, fin_scores
+    i, search = _segmented_loop(segments, (jnp.int32(1), search, cache), body,
+                                   lambda state: jnp.all(state[1][5]))
+    return {"tokens": search[2], "scores": search[3], "steps": i, "done_at": search[6]}
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int):
-    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len))
+def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
+                   stop: str = "bound"):
+    return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
+                                     stop=stop))
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
-                max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+                max_len: int | None = None, stop: str = "bound") -> tuple[jax.Array, jax.Array]:
     """Beam search of src [B,S] -> (tokens int32 [B,L], scores float32 [B]): each row's best hypothesis.
 
     The score is the length-penalised log-prob (see module doc). With beam_size=1 and alpha=0 this is
     exactly greedy search; with alpha > 0 a single beam keeps searching after greedy's EOS and returns a
     longer hypothesis only if it scores higher. The loop stops once no live beam of any row can still
-    beat that row's best finished hypothesis. At a row's length limit EOS is forced and its log-prob
-    counted (fairseq).
+    beat that row's best finished hypothesis (stop="bound"), or once K hypotheses of the row have
+    finished, scored by log-prob / len**alpha (stop="finished", CTranslate2's and fairseq's rule). At a
+    row's length limit EOS is forced and its log-prob counted (fairseq).
     """
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len))
-    return fn(_variables(params), src, jnp.float32(alpha))
+    if stop not in STOP_RULES:
+        raise ValueError(f"decode.stop: unknown rule {stop!r}; choose one of {', '.join(STOP_RULES)}")
+    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop)
+    out = fn(_variables(params), src, jnp.float32(alpha))
+    return out["tokens"], out["scores"]
 
 
 # ----------------------------------------------------------------------------- scoring

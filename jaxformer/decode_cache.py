@@ -113,22 +113,47 @@ def _beam_self_attention_step(mod, query, key, value):
 
 def beam_search_cache(cache, beams: int):
     """The cache of a first decode step on B rows (one per sentence) made into the cache of beam steps on
-    B*beams rows: every self-attention position gets `beams` slots, each holding the first step's entry
-    (keys [B,H,L,d] -> [B,H,d,L*K], values -> [B,H,L*K,d]), plus `beam_slots` [B,K,L]; cross-attention
-    keys/values stay one per sentence."""
+    B*beams rows: every self-attention position gets `beams` slots (keys [B,H,L,d] -> [B,H,d,L*K], values
+    -> [B,H,L*K,d]), plus `beam_slots` [B,K,L]; the first step's entry (position 0, the BOS every beam
+    shares) goes to slot 0, which every beam's history names. Cross-attention keys/values stay one per
+    sentence."""
     def convert(tree):
         if not isinstance(tree, Mapping):
             return tree
         tree = {name: convert(sub) for name, sub in tree.items()}
         if "cached_key" in tree:
-            key, value = tree["cached_key"], tree["cached_value"]  # [B, H, L, d]
-            b, h, length = key.shape[:3]
-            key = jnp.swapaxes(key, 2, 3)  # [B, H, d, L]
-            tree["cached_key"] = jnp.broadcast_to(key[..., None], key.shape + (beams,)).reshape(
-                b, h, key.shape[2], length * beams)
-            tree["cached_value"] = jnp.broadcast_to(value[:, :, :, None], (b, h, length, beams) + value.shape[3:]
-                                                    ).reshape(b, h, length * beams, value.shape[3])
-            tree["beam_slots"] = jnp.zeros((b, beams, length), jnp.int32)
+            key, value = tree["cached_key"], tree["cached_value"]  # [B, H, L, d]; only position 0 is written
+            length = key.shape[2]
+            # Position 0's entry in slot 0 (every beam's history points there), the other slots empty.
+            tree["cached_key"] = jnp.pad(jnp.swapaxes(key[:, :, :1], 2, 3),
+                                         [(0, 0), (0, 0), (0, 0), (0, length * beams - 1)])
+            tree["cached_value"] = jnp.pad(value[:, :, :1], [(0, 0), (0, 0), (0, length * beams - 1), (0, 0)])
+            tree["beam_slots"] = jnp.zeros((key.shape[0], beams, length), jnp.int32)
+        return tree
+    return convert(cache)
+
+
+def grow_cache(cache, length: int):
+    """The self-attention caches padded to hold `length` positions (a search segment's cache length: a step
+    attends over the positions the search has reached, not the whole output buffer). Cross-attention
+    entries and counters are unchanged; the new positions are masked until written."""
+    def pad(x, axis, size):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, size - x.shape[axis])
+        return jnp.pad(x, widths)
+
+    def convert(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        tree = {name: convert(sub) for name, sub in tree.items()}
+        if "beam_slots" in tree:  # keys [B,H,d,T*K], values [B,H,T*K,d], slots [B,K,T]
+            beams = tree["beam_slots"].shape[1]
+            tree["cached_key"] = pad(tree["cached_key"], 3, length * beams)
+            tree["cached_value"] = pad(tree["cached_value"], 2, length * beams)
+            tree["beam_slots"] = pad(tree["beam_slots"], 2, length)
+        elif "cached_key" in tree:  # [B,H,T,d]
+            tree["cached_key"] = pad(tree["cached_key"], 2, length)
+            tree["cached_value"] = pad(tree["cached_value"], 2, length)
         return tree
     return convert(cache)
 

@@ -22,6 +22,7 @@ Training refuses a table shorter than its longest batch (`jaxformer.config.check
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Any, Mapping, Sequence
@@ -85,39 +86,83 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
                     capped, len(sources), extra, config.max_len, config.max_len)
     outputs: list[list[int]] = [[] for _ in sources]
     todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
-    batch_size, beam_size = int(settings["batch_size"]), int(settings["beam_size"])
-    # A batch with a sentence for each of this process's devices (on a CPU, its cores once
-    # `parallel.use_every_cpu_core()` ran) is split over them: one search, each device searching its rows.
+    batch_size = int(settings["batch_size"])
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     mesh = parallel.local_mesh()
+    mode = _parallel_mode(settings["parallel"], mesh)
     devices = 1 if mesh is None else mesh.devices.size
-    split_params = parallel.replicate(params, mesh) if mesh is not None and len(todo) >= devices else None
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        split = split_params is not None and len(chunk) >= devices
-        src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
-        rows = _rows(len(chunk), batch_size)
-        rows = -(-rows // devices) * devices if split else rows
-        src = np.full((rows, src_len), PAD_ID, np.int32)  # filler rows stay all-PAD (searched in one step)
-        for row, i in enumerate(chunk):
-            src[row, :len(sources[i])] = sources[i]
-            src[row, len(sources[i])] = EOS_ID
-        search_params = split_params if split else params
-        if split:
-            src = jax.device_put(src, parallel.batch_sharded(mesh))
-        if beam_size == 1:
-            tokens = decode_lib.greedy_search(model, search_params, src,
-                                              max_extra_len=int(settings["max_extra_len"]))
-        else:
-            tokens, _ = decode_lib.beam_search(model, search_params, src, beam_size=beam_size,
-                                               alpha=float(settings["length_penalty"]),
-                                               max_extra_len=int(settings["max_extra_len"]))
+    if mode == "split" and len(todo) >= devices:
+        # A batch with a sentence for each device is split over them: one search, each device its rows.
+        split_params = parallel.replicate(params, mesh)
+        places = [(split_params, parallel.batch_sharded(mesh)) if len(chunk) >= devices else (params, None)
+                  for chunk in chunks]
+    elif mode == "batches":
+        # Each device searches its own batches, round robin, with no collective between them.
+        device_params = [jax.device_put(params, device) for device in mesh.devices.flat]
+        chunks = _balanced(chunks, devices)
+        places = [(device_params[n % devices], mesh.devices.flat[n % devices]) for n in range(len(chunks))]
+    else:
+        places = [(params, None)] * len(chunks)
+
+    def finish(chunk, tokens):
         tokens = np.asarray(tokens)
         for row, i in enumerate(chunk):
             seq = tokens[row].tolist()
             if EOS_ID in seq:
                 seq = seq[:seq.index(EOS_ID)]
             outputs[i] = [t for t in seq if t != PAD_ID]
+
+    in_flight: collections.deque = collections.deque()  # searches dispatched, not yet read back
+    limit = 2 * devices  # the host prepares the next batches while the devices search
+    if mode == "split":
+        limit = min(limit, parallel.programs_in_flight(mesh) or limit)  # see parallel.CPU_PROGRAMS_IN_FLIGHT
+    for chunk, (search_params, place) in zip(chunks, places):
+        src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
+        rows = _rows(len(chunk), batch_size)
+        if isinstance(place, jax.sharding.Sharding):
+            rows = -(-rows // devices) * devices
+        src = np.full((rows, src_len), PAD_ID, np.int32)  # filler rows stay all-PAD (searched in one step)
+        for row, i in enumerate(chunk):
+            src[row, :len(sources[i])] = sources[i]
+            src[row, len(sources[i])] = EOS_ID
+        if place is not None:
+            src = jax.device_put(src, place)
+        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings)))
+        if len(in_flight) >= limit:
+            finish(*in_flight.popleft())
+    while in_flight:
+        finish(*in_flight.popleft())
     return outputs
+
+
+def _parallel_mode(requested: str, mesh) -> str:
+    """"one" (a single device), "split" or "batches" for `decode.parallel` on this process's devices."""
+    if mesh is None:
+        return "one"
+    if requested == "auto":
+        return "batches" if all(d.platform == "cpu" for d in mesh.devices.flat) else "split"
+    return requested
+
+
+def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
+    """The batches, with the last one cut into pieces so that every device gets as many batches: a
+    leftover batch would otherwise keep one device searching while the others wait."""
+    spare = -len(chunks) % devices
+    if not chunks or not spare or len(chunks[-1]) <= spare:
+        return chunks
+    last, pieces = chunks[-1], spare + 1
+    size = -(-len(last) // pieces)
+    return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
+
+
+def _search(decode_lib, model, params, src, settings):
+    """Dispatch one batch's search (greedy for beam_size 1); returns its tokens [rows, L], not yet ready."""
+    if int(settings["beam_size"]) == 1:
+        return decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
+    tokens, _ = decode_lib.beam_search(model, params, src, beam_size=int(settings["beam_size"]),
+                                       alpha=float(settings["length_penalty"]),
+                                       max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"])
+    return tokens
 
 
 def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[str],
@@ -160,11 +205,12 @@ class Translator:
 
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
                   length_penalty: float | None = None, max_extra_len: int | None = None,
-                  batch_size: int | None = None) -> str | list[str]:
+                  batch_size: int | None = None, stop: str | None = None,
+                  parallel: str | None = None) -> str | list[str]:
         single = isinstance(sentences, str)
         out = translate_texts(self.model, self.params, self.tokenizer, [sentences] if single else sentences,
                               self.decode, beam_size=beam_size, length_penalty=length_penalty,
-                              max_extra_len=max_extra_len, batch_size=batch_size)
+                              max_extra_len=max_extra_len, batch_size=batch_size, stop=stop, parallel=parallel)
         return out[0] if single else out
 
     __call__ = translate

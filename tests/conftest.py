@@ -13,6 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The Hugging Face hub is unreachable here: local files only, never wait on the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CTranslate2 on an AMD CPU: its default int8 backend (oneDNN) gave 0 of 60 greedy outputs equal to float32's
+# on an AVX2 EPYC, where Intel MKL's gave 29 (docs/serving.md); before ctranslate2 is first imported.
+os.environ.setdefault("CT2_USE_MKL", "1")
 # One persistent compilation cache for the whole run: the processes the tests start (train.py and the CLI in
 # the README test, the multi-process runs, the GPU check's dry run) compile many of the same programs. Made
 # by the first process to import this file (the controller under pytest -n), inherited by the others.

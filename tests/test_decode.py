@@ -277,6 +277,49 @@ def test_a_beam_reaching_the_limit_without_eos_is_finished_there():
     np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, 0.6), rtol=1e-5)
 
 
+def test_finished_rule_stops_at_k_finished_hypotheses_where_the_bound_searches_on():
+    # After BOS: 5 (p 0.9) or EOS (0.1); after 5: 5 again (0.95) or EOS (0.05). With K=2 the empty hypothesis
+    # ends at step 0 and "5 EOS" at step 1: two finished, so "finished" (fairseq, CTranslate2) stops there and
+    # returns the better of the two by log-prob / length ** alpha. "bound" sees that 5 5 5 ... can still win
+    # under ((5 + len) / 6) ** alpha and searches on, to the length limit.
+    model, params, log_probs = bigram_model({BOS_ID: {5: math.log(0.9), EOS_ID: math.log(0.1)},
+                                             5: {5: math.log(0.95), EOS_ID: math.log(0.05)}})
+    src = sources([3, 5], 8, 16)
+    finished, finished_scores = beam_search(model, params, src, beam_size=2, alpha=1.0, max_extra_len=EXTRA,
+                                            stop="finished")
+    np.testing.assert_array_equal(np.asarray(finished)[:, :2], [[5, EOS_ID]] * 2)
+    assert (np.asarray(finished)[:, 2:] == PAD_ID).all()
+    np.testing.assert_allclose(finished_scores, (log_probs[BOS_ID, 5] + log_probs[5, EOS_ID]) / 2.0, rtol=1e-5)
+    bound, _ = beam_search(model, params, src, beam_size=2, alpha=1.0, max_extra_len=EXTRA)
+    np.testing.assert_array_equal(lengths_of(bound), np.array([4, 6]) + EXTRA)
+    with pytest.raises(ValueError, match="decode.stop"):
+        beam_search(model, params, src, stop="patience")
+
+
+def test_search_segments_double_then_end_at_the_buffer():
+    assert decode.search_segments(10) == (10,)
+    assert decode.search_segments(39) == (16, 39)  # 32 would leave a last segment of 7: merged
+    assert decode.search_segments(50) == (16, 32, 50)
+    assert decode.search_segments(256) == (16, 32, 64, 128, 256)
+
+
+def test_searches_through_several_cache_segments_equal_a_full_decoder(random_model):
+    """Outputs of 20 to 39 tokens cross the cache growth at 16 (segments (16, 39)): greedy's tokens are the
+    argmaxes of the full (uncached) decoder over its own prefix, and beam's scores its rescoring."""
+    model, params = random_model  # never picks EOS: every row runs to its limit, through both segments
+    src = sources([3, 8, 1, 5], 9, RANDOM_CFG.vocab_size)
+    greedy = np.asarray(greedy_search(model, params, src, max_extra_len=30))
+    assert greedy.shape == (4, 39)
+    np.testing.assert_array_equal(lengths_of(greedy), np.minimum(np.array([4, 9, 2, 6]) + 30, 39))
+    tgt_in = np.concatenate([np.full((4, 1), BOS_ID, np.int32), greedy[:, :-1]], axis=1)
+    logits = np.asarray(model.apply(params, src, tgt_in)).copy()
+    logits[..., [PAD_ID, BOS_ID]] = -np.inf
+    for row, limit in enumerate(lengths_of(greedy)):
+        np.testing.assert_array_equal(greedy[row, :limit - 1], logits[row, :limit - 1].argmax(-1))
+    tokens, scores = beam_search(model, params, src, beam_size=4, alpha=0.6, max_extra_len=30)
+    np.testing.assert_allclose(scores, score_sequences(model, params, src, tokens, 0.6), rtol=1e-4, atol=1e-4)
+
+
 def test_a_looping_hypothesis_at_the_limit_pays_for_eos_and_loses_to_a_finished_one():
     # After BOS: 5 (p 0.55) or 6 (0.45). After 5: EOS (0.8) -- the proper short translation "5 EOS". After 6:
     # 6 again (p ~ 1), EOS almost never (1e-4): a loop that only the length limit stops.
@@ -372,11 +415,11 @@ def test_cross_attention_keys_and_values_are_computed_once_per_sentence(monkeypa
     empty = {2: init_cache(RANDOM_CFG, 2, 7, 12)}
     monkeypatch.setattr(decode, "init_cache", lambda cfg, batch, s, L: empty[batch])  # keep init out of the count
     with nn.intercept_methods(spy):
-        jax.make_jaxpr(lambda p, s: decode._greedy(model, 12, 5, p, s))(params, src)
+        jax.make_jaxpr(lambda p, s: decode._greedy(model, 12, 5, p, s)["tokens"])(params, src)
     assert projected == [(2, 7, 32)] * 2 * RANDOM_CFG.num_decoder_layers  # key + value per layer, one step
     projected.clear()
     with nn.intercept_methods(spy):  # beam 4: still once per sentence (2 rows), not per beam (8 rows)
-        jax.make_jaxpr(lambda p, s: decode._beam(model, 4, 12, 5, p, s, 0.6))(params, src)
+        jax.make_jaxpr(lambda p, s: decode._beam(model, 4, 12, 5, p, s, 0.6)["tokens"])(params, src)
     assert projected == [(2, 7, 32)] * 2 * RANDOM_CFG.num_decoder_layers
 
 
@@ -437,7 +480,7 @@ def test_searches_are_traced_once_per_shape(monkeypatch, random_model, random_sr
     traces = []
     for name in ("_beam", "_greedy"):
         original = getattr(decode, name)
-        monkeypatch.setattr(decode, name, lambda *a, _f=original, _n=name: traces.append(_n) or _f(*a))
+        monkeypatch.setattr(decode, name, lambda *a, _f=original, _n=name, **kw: traces.append(_n) or _f(*a, **kw))
     decode._compiled_beam.cache_clear()
     decode._compiled_greedy.cache_clear()
     for alpha in (0.6, 0.9, 0.6):  # alpha is traced, and new source tokens of the same shape reuse the trace

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 import jaxformer
 from jaxformer import cli, decode
+from jaxformer import translate as translate_lib
 from jaxformer.io import native
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.config import default_config
@@ -56,7 +57,8 @@ def test_export_writes_a_self_contained_directory(exported, bundle):
     assert {p.name for p in exported.iterdir()} == files
     meta = json.loads((exported / "config.json").read_text())
     assert meta["model"] == model.config.to_dict()
-    assert meta["decode"] == {"beam_size": 4, "length_penalty": 0.6, "max_extra_len": 50, "batch_size": 8}
+    assert meta["decode"] == {"beam_size": 4, "length_penalty": 0.6, "max_extra_len": 50, "batch_size": 8,
+                              "stop": "bound", "parallel": "auto"}
     if native.has_jax_export_support():
         assert meta["jax_export"]["src_shape"] == ["batch", 16] and meta["jax_export"]["output_shape"] == ["batch", 64]
         assert meta["jax_export"]["function"] == "beam_search" and meta["jax_export"]["beam_size"] == 4
@@ -126,13 +128,15 @@ def test_translate_copies_and_keeps_the_input_order(bundle):
 
 
 
-def test_translate_splits_each_batch_over_the_devices_with_the_same_result(bundle):
-    # conftest gives this process 4 CPU devices: translate_ids searches each batch split over them (rows
-    # rounded up to a multiple of 4 with all-PAD filler rows); the tokens equal one search on one device.
+@pytest.mark.parametrize("parallel", ["split", "batches"])
+def test_translate_over_the_devices_gives_the_one_device_result(bundle, parallel):
+    # conftest gives this process 4 CPU devices. "split": each batch searched split over them (rows rounded
+    # up to a multiple of 4 with all-PAD filler rows); "batches": each device its own batches (the one batch
+    # of 7 cut into 4). Either way the tokens equal one search of all 7 on one device.
     assert jax.local_device_count() == 4
     model, params, tokenizer = bundle
     sources = tokenizer.encode(made_up_sentences(7, seed=5))
-    split = {beam: translate_ids(model, params, sources, beam_size=beam, batch_size=8)
+    split = {beam: translate_ids(model, params, sources, beam_size=beam, batch_size=8, parallel=parallel)
              for beam in (1, 4)}
     src_len = max(len(ids) for ids in sources) + 1
     src = np.full((len(sources), src_len), PAD_ID, np.int32)
@@ -144,6 +148,16 @@ def test_translate_splits_each_batch_over_the_devices_with_the_same_result(bundl
         expected = [[t for t in row[:list(row).index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else
                     [t for t in row if t != PAD_ID] for row in np.asarray(tokens).tolist()]
         assert split[beam] == expected
+
+
+def test_balanced_batches_give_every_device_as_many_batches_and_keep_every_sentence():
+    chunks = [list(range(start, min(start + 8, 21))) for start in range(0, 21, 8)]  # 8, 8, 5 sentences
+    balanced = translate_lib._balanced(chunks, 4)
+    assert [len(c) for c in balanced] == [8, 8, 3, 2]  # the last batch cut in 2: one batch per device
+    assert sum(balanced, []) == list(range(21))
+    assert translate_lib._balanced(chunks, 3) == chunks  # already a multiple of the devices
+    assert translate_lib._balanced([[0, 1], [2]], 4) == [[0, 1], [2]]  # too few sentences to cut
+    assert translate_lib._parallel_mode("auto", None) == "one"
 
 
 def test_translate_empty_inputs_without_running_the_model(bundle, monkeypatch):

@@ -63,6 +63,8 @@ RULES = [
     (r"^python benchmarks/step_ab\.py", "--shapes tiny --repeats 1"),
     (r"^python benchmarks/decode_speed\.py --random", "--sentences 2 --src-tokens 3 --max-len 6 --repeats 1"),
     (r"^python benchmarks/decode_speed\.py", "--limit 4 --batch-size 4 --average-last 1"),
+    (r"^python benchmarks/search_ab\.py", "--models number_words --limit 8 --passes 1 --beams 2"
+                                          + ("" if HAVE_INTEROP else " --no-ct2")),
     (r"^python benchmarks/multi30k_quality\.py", f"--steps 3 --eval-limit 4 {TINY_BENCH_MODEL}"),
     (r"^python benchmarks/input_pipeline\.py", "--repeats 1 --wmt-pairs 2000 --vocab-size 500 --steps 4"),
     (r"^python train\.py --config configs/finetune\.py", (TINY_FINETUNE if HAVE_INTEROP else None)),

@@ -339,6 +339,9 @@ results = translator.translate_batch(
 print([sp.decode(r.hypotheses[0]) for r in results])
 ```
 
+On an AMD CPU, set `CT2_USE_MKL=1` before importing ctranslate2 for int8 weights: its default int8 backend
+there (oneDNN) translated wrongly on an AVX2 EPYC (jaxformer's docs/serving.md).
+
 Those options are the ones closest to jaxformer's search with the model's decode settings
 (beam {settings['beam_size']}, length penalty {settings['length_penalty']}, max_extra_len {settings['max_extra_len']}).
 The two searches still differ: CTranslate2 divides a hypothesis' log-probability by length^alpha (ours by

@@ -140,10 +140,10 @@ def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, d
     buffer_len = decode_lib.decode_buffer_len(src_len, config, max_extra_len=max_extra_len)
     if beam_size == 1:
         search = {"function": "greedy_search"}
-        fn = jax.jit(lambda v, src: decode_lib._greedy(model, buffer_len, max_extra_len, v, src))
+        fn = jax.jit(lambda v, src: decode_lib._greedy(model, buffer_len, max_extra_len, v, src)["tokens"])
     else:
         search = {"function": "beam_search", "beam_size": beam_size, "alpha": alpha}
-        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src, alpha)[0])
+        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src, alpha)["tokens"])
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), variables)
     batch, = jax.export.symbolic_shape("batch")
     kwargs = {"platforms": tuple(platforms)} if platforms else {}
