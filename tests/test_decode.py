@@ -296,6 +296,24 @@ def test_finished_rule_stops_at_k_finished_hypotheses_where_the_bound_searches_o
         beam_search(model, params, src, stop="patience")
 
 
+@pytest.mark.parametrize("n, k", [(40000, 8), (1600, 8), (1601, 8), (1000, 2), (30, 8)])
+def test_block_top_k_equals_lax_top_k_with_its_ties(n, k):
+    """The same values and indices as jax.lax.top_k, ties to the lowest index: values from a few levels (so
+    many ties, within and across blocks), masked candidates at NEG_INF (a row of nothing but them too), a
+    length that is not a multiple of the block."""
+    rng = np.random.default_rng(n + k)
+    x = rng.integers(0, 6, (6, n)).astype(np.float32) - 6.0
+    x[rng.random((6, n)) < 0.5] = decode.NEG_INF
+    x[1] = decode.NEG_INF  # nothing but masked candidates
+    x[2, -3:] = 1.0  # the best entries in the last, partial block
+    x[3, :5] = 1.0  # the best tie across one block and the next
+    x[4] = 0.0  # every entry ties
+    values, index = jax.jit(decode.block_top_k, static_argnums=1)(jnp.asarray(x), k)
+    expected_values, expected_index = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(index, expected_index)
+
+
 def test_search_segments_double_then_end_at_the_buffer():
     assert decode.search_segments(10) == (10,)
     assert decode.search_segments(39) == (16, 39)  # 32 would leave a last segment of 7: merged
