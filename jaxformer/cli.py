@@ -1,6 +1,7 @@
-"""The `jaxformer` command: translate, evaluate, export, import-marian, plot-attention, average.
+"""The `jaxformer` command: translate, score, evaluate, export, import-marian, plot-attention, average.
 
     jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
+    jaxformer score --model RUN_OR_EXPORT --src test.en --tgt test.de [--format text|jsonl] [--per-token]
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
                        [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
@@ -149,6 +150,51 @@ def _cmd_translate(args) -> int:
     return 0
 
 
+def _read_pairs(src: str, tgt: str) -> tuple[list[str], list[str]]:
+    """The lines of two parallel files; one line of error if either is missing or their lengths differ."""
+    texts = []
+    for path in (src, tgt):
+        with open(path, encoding="utf-8") as f:
+            texts.append([line.rstrip("\r\n") for line in f])
+    if len(texts[0]) != len(texts[1]):
+        raise ValueError(f"{src} has {len(texts[0])} lines but {tgt} has {len(texts[1])}: score needs one target "
+                         f"line per source line")
+    return texts[0], texts[1]
+
+
+def _cmd_score(args) -> int:
+    import contextlib
+    import json
+
+    from jaxformer.io import load
+
+    sources, targets = _read_pairs(args.src, args.tgt)
+    translator = load(args.model, step=args.step, average_last=args.average_last)
+    results = translator.score(sources, targets, length_penalty=args.length_penalty, batch_size=args.batch_size,
+                               full_softmax=args.full_softmax)
+    with contextlib.ExitStack() as stack:
+        sink = sys.stdout if args.output in (None, "-") else stack.enter_context(
+            open(args.output, "w", encoding="utf-8"))  # noqa: SIM115 - closed by the stack
+        for source, target, result in zip(sources, targets, results):
+            if args.format == "jsonl":
+                record = {"source": source, "target": target, "log_prob": None, "score": None}
+                if result is not None:  # per token: the target's pieces, then EOS
+                    record.update(log_prob=result["log_prob"], score=result["score"])
+                    if args.per_token:
+                        record.update(tokens=result["tokens"], token_log_probs=result["token_log_probs"])
+                else:
+                    record["skipped"] = "target longer than the model's max_len - 1"
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            elif result is None:
+                sink.write("nan\tnan" + ("\t" if args.per_token else "") + "\n")
+            else:
+                fields = [f"{result['score']:.6f}", f"{result['log_prob']:.6f}"]
+                if args.per_token:
+                    fields.append(" ".join(f"{v:.6f}" for v in result["token_log_probs"]))
+                sink.write("\t".join(fields) + "\n")
+    return 0
+
+
 def _cmd_evaluate(args, extra: list[str]) -> int:
     from jaxformer.config import default_config
     from jaxformer.evaluate import run_evaluation
@@ -227,6 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
     _add_decode_args(p)
 
+    p = sub.add_parser("score", help="forced decoding: the log-prob of given translations, line by line",
+                       description="Per line: the search's score (log-prob over the length penalty), the log-prob "
+                                   "of the target with its EOS, and with --per-token each token's log-prob "
+                                   "(tab-separated; jsonl: one object per line). PAD and BOS are excluded from "
+                                   "the softmax, as in the search, unless --full-softmax.")
+    _add_model_args(p)
+    p.add_argument("--src", required=True, help="source sentences, one per line")
+    p.add_argument("--tgt", required=True, help="their translations, one per line")
+    p.add_argument("--output", "-o", default=None, help="where to write (default stdout)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.add_argument("--per-token", action="store_true", help="also each target token's log-prob (EOS last)")
+    p.add_argument("--full-softmax", action="store_true",
+                   help="log-probs over the whole vocabulary, as CTranslate2's score_batch and fairseq give them "
+                        "(default: the search's distribution, without PAD and BOS)")
+    p.add_argument("--length-penalty", type=float, default=None, help="alpha of the score (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per batch")
+
     p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU",
                        epilog="Data overrides: --config.data.KEY=VALUE (or --data.KEY=VALUE) for any data.* config "
                               "key, e.g. --config.data.source=files "
@@ -302,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_translate(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args, extra)
+        if args.command == "score":
+            return _cmd_score(args)
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "plot-attention":

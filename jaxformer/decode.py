@@ -62,7 +62,7 @@ from jaxformer.model import Transformer, TransformerConfig
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
-__all__ = ["length_penalty", "greedy_search", "beam_search", "score_sequences", "output_limits",
+__all__ = ["length_penalty", "greedy_search", "beam_search", "score_sequences", "token_log_probs", "output_limits",
            "decode_buffer_len", "init_cache", "NEG_INF"]
 
 NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
@@ -382,23 +382,32 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, m
 # ----------------------------------------------------------------------------- scoring
 
 @functools.lru_cache(maxsize=16)
-def _compiled_scorer(config: TransformerConfig):
+def _compiled_token_log_probs(config: TransformerConfig, full_softmax: bool):
     model = Transformer(config)
 
-    def score(variables, src, tokens, alpha):
+    def token_log_probs(variables, src, tokens):
         tgt_in = jnp.concatenate([jnp.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], axis=1)
-        log_probs = _log_probs(model.apply(variables, src, tgt_in))  # [B,T,V]
-        token_log_probs = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-        real = tokens != PAD_ID
-        total = jnp.sum(jnp.where(real, token_log_probs, 0.0), axis=-1)
-        return total / length_penalty(jnp.sum(real, axis=-1).astype(jnp.float32), alpha)
+        logits = model.apply(variables, src, tgt_in)  # [B,T,V]
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) if full_softmax else _log_probs(logits)
+        chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+        return jnp.where(tokens != PAD_ID, chosen, 0.0)
 
-    return jax.jit(score)
+    return jax.jit(token_log_probs)
+
+
+def token_log_probs(model, params, src, tokens, *, full_softmax: bool = False) -> jax.Array:
+    """[B,T] log-prob of each token of `tokens` [B,T] (a target with its EOS, right-padded with PAD; 0 at
+    PAD) given `src` [B,S], teacher-forced through the full (uncached) decoder. By default under the searches'
+    distribution, PAD and BOS excluded from the softmax (they are never generated); `full_softmax=True`: over
+    the whole vocabulary, as CTranslate2's `score_batch` and fairseq score (a model trained with label
+    smoothing gives PAD and BOS some mass: ~1e-3 in log-prob on the offline default)."""
+    return _compiled_token_log_probs(_config(model), bool(full_softmax))(
+        _variables(params), jnp.asarray(src, jnp.int32), jnp.asarray(np.asarray(tokens, np.int32)))
 
 
 def score_sequences(model, params, src, tokens, alpha: float = 0.6) -> jax.Array:
     """[B] length-penalised log-prob of `tokens` [B,T] (as the searches return them) given `src`,
     computed with the full (uncached) decoder and the searches' scoring."""
     tokens = np.asarray(tokens, np.int32)
-    return _compiled_scorer(_config(model))(_variables(params), jnp.asarray(src, jnp.int32),
-                                            jnp.asarray(tokens), jnp.float32(alpha))
+    total = jnp.sum(token_log_probs(model, params, src, tokens), axis=-1)
+    return total / length_penalty(jnp.asarray(np.sum(tokens != PAD_ID, axis=-1), jnp.float32), alpha)

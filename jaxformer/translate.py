@@ -35,7 +35,7 @@ from jaxformer.config import decode_settings
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.model import Transformer
 
-__all__ = ["Translator", "translate_texts", "translate_ids", "decode_settings", "SOURCE_BUCKETS"]
+__all__ = ["Translator", "translate_texts", "translate_ids", "score_ids", "decode_settings", "SOURCE_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,52 @@ def _search(decode_lib, model, params, src, settings):
     return tokens
 
 
+def score_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
+              decode_cfg: Mapping | None = None, *, full_softmax: bool = False, **overrides) -> list[dict | None]:
+    """Forced decoding: how likely the model finds each given translation. Per pair, in input order,
+    {"log_prob": the sum of the target's token log-probs with its EOS, "score": log_prob over the search's
+    length penalty (decode.length_penalty), "token_log_probs": one per target token, then EOS's}, under the
+    search's distribution, or the whole softmax with `full_softmax` (`decode.token_log_probs`). Batched by
+    length as `translate_ids` is. Sources are truncated as there; a target that does not fit the position
+    table with its EOS is skipped (None), counted in one warning."""
+    from jaxformer import decode as decode_lib
+
+    if len(src_ids) != len(tgt_ids):
+        raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets: score takes one target per source")
+    settings = decode_settings(decode_cfg, **overrides)
+    config = model.config
+    limit = config.max_len - 1
+    sources = [[int(t) for t in ids][:limit] for ids in src_ids]
+    targets = [[int(t) for t in ids] for ids in tgt_ids]
+    if any(len(ids) > limit for ids in src_ids):
+        log.warning("%d sources are longer than the model's max_len - 1 = %d tokens: scored on their first %d",
+                    sum(len(ids) > limit for ids in src_ids), limit, limit)
+    todo = [i for i, ids in enumerate(targets) if len(ids) <= limit]
+    if len(todo) < len(targets):
+        log.warning("skipped %d of %d pairs whose target is longer than the model's max_len - 1 = %d tokens "
+                    "(first: pair %d)", len(targets) - len(todo), len(targets), limit,
+                    next(i for i, ids in enumerate(targets) if len(ids) > limit))
+    todo.sort(key=lambda i: -max(len(sources[i]), len(targets[i])))
+    batch_size, alpha = int(settings["batch_size"]), float(settings["length_penalty"])
+    results: list[dict | None] = [None] * len(targets)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        rows = _rows(len(chunk), batch_size)
+        src = np.full((rows, _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)), PAD_ID, np.int32)
+        tgt = np.full((rows, _bucket(max(len(targets[i]) for i in chunk) + 1, config.max_len)), PAD_ID, np.int32)
+        for row, i in enumerate(chunk):
+            for array, ids in ((src, sources[i]), (tgt, targets[i])):
+                array[row, :len(ids)] = ids
+                array[row, len(ids)] = EOS_ID
+        log_probs = np.asarray(decode_lib.token_log_probs(model, params, src, tgt, full_softmax=full_softmax))
+        for row, i in enumerate(chunk):
+            values = log_probs[row, :len(targets[i]) + 1]
+            total = float(np.sum(values))
+            penalty = float(decode_lib.length_penalty(np.float32(len(values)), alpha))
+            results[i] = {"log_prob": total, "score": total / penalty, "token_log_probs": values.tolist()}
+    return results
+
+
 def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[str],
                     decode_cfg: Mapping | None = None, **overrides) -> list[str]:
     """Detokenized translations of `sentences`, in their order. `decode_cfg` is `config.decode`
@@ -212,5 +258,19 @@ class Translator:
                               self.decode, beam_size=beam_size, length_penalty=length_penalty,
                               max_extra_len=max_extra_len, batch_size=batch_size, stop=stop, parallel=parallel)
         return out[0] if single else out
+
+    def score(self, sources: Sequence[str], targets: Sequence[str], *, length_penalty: float | None = None,
+              batch_size: int | None = None, full_softmax: bool = False) -> list[dict | None]:
+        """Forced decoding of each (source, target) pair (see `score_ids`); each result also has "tokens",
+        the target's pieces and "</s>", one per token log-prob."""
+        if isinstance(sources, str) or isinstance(targets, str):
+            raise TypeError("score takes lists of sources and targets; wrap single sentences in lists")
+        src_ids, tgt_ids = self.tokenizer.encode(list(sources)), self.tokenizer.encode(list(targets))
+        results = score_ids(self.model, self.params, src_ids, tgt_ids, self.decode, full_softmax=full_softmax,
+                            length_penalty=length_penalty, batch_size=batch_size)
+        for result, ids in zip(results, tgt_ids):
+            if result is not None:
+                result["tokens"] = [self.tokenizer.id_to_piece(t) for t in ids] + [self.tokenizer.id_to_piece(EOS_ID)]
+        return results
 
     __call__ = translate
