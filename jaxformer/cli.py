@@ -135,16 +135,24 @@ def _cmd_translate(args) -> int:
     translator = load(args.model, step=args.step, average_last=args.average_last)
     overrides = _decode_overrides(args)
     chunk_size = 32 * int(args.batch_size or translator.decode["batch_size"])  # sorted by length within a chunk
+    scored = args.nbest is not None or args.format == "jsonl"
+    if args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
+        raise ValueError(f"--nbest {args.nbest} is larger than the beam size "
+                         f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
     count = 0
     with contextlib.ExitStack() as stack:
         source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
         to_stdout = args.output in (None, "-")
         sink = sys.stdout if to_stdout else stack.enter_context(open(args.output, "w", encoding="utf-8"))
         for lines in _chunks(source, chunk_size):  # translations appear chunk by chunk, in input order
-            outputs = translator.translate(lines, **overrides)
-            sink.write("".join(o.replace("\n", " ") + "\n" for o in outputs))
+            if scored:
+                found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
+                sink.write(_hypotheses_lines(lines, found, count, args.format))
+            else:
+                outputs = translator.translate(lines, **overrides)
+                sink.write("".join(o.replace("\n", " ") + "\n" for o in outputs))
             sink.flush()
-            count += len(outputs)
+            count += len(lines)
     if not to_stdout:
         log.info("wrote %d translations to %s", count, args.output)
     return 0
@@ -193,6 +201,18 @@ def _cmd_score(args) -> int:
                     fields.append(" ".join(f"{v:.6f}" for v in result["token_log_probs"]))
                 sink.write("\t".join(fields) + "\n")
     return 0
+
+
+def _hypotheses_lines(lines: list[str], found: list[list[dict]], first: int, fmt: str) -> str:
+    """n-best output: text, fairseq's and Moses's `i ||| hypothesis ||| score` lines (i counts input lines
+    from 0), or jsonl, one object per input line."""
+    import json
+
+    if fmt == "jsonl":
+        return "".join(json.dumps({"source": line, "hypotheses": hyps}, ensure_ascii=False) + "\n"
+                       for line, hyps in zip(lines, found))
+    return "".join(f"{first + n} ||| {hyp['text'].replace(chr(10), ' ')} ||| {hyp['score']:.6f}\n"
+                   for n, hyps in enumerate(found) for hyp in hyps)
 
 
 def _cmd_evaluate(args, extra: list[str]) -> int:
@@ -271,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
+    p.add_argument("--nbest", type=int, default=None, metavar="N",
+                   help="the N best hypotheses of the beam (N <= beam size) with their scores, as "
+                        "'i ||| hypothesis ||| score' lines (text) or a list per line (jsonl)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text",
+                   help="jsonl: one object per line, {source, hypotheses: [{text, score, log_prob, tokens}]}")
     _add_decode_args(p)
 
     p = sub.add_parser("score", help="forced decoding: the log-prob of given translations, line by line",

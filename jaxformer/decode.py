@@ -62,7 +62,8 @@ from jaxformer.model import Transformer, TransformerConfig
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
-__all__ = ["length_penalty", "greedy_search", "beam_search", "score_sequences", "token_log_probs", "output_limits",
+__all__ = ["length_penalty", "greedy_search", "beam_search", "beam_search_nbest", "score_sequences",
+           "token_log_probs", "output_limits",
            "decode_buffer_len", "init_cache", "NEG_INF"]
 
 NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
@@ -267,10 +268,10 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
-          stop: str = "bound"):
+          stop: str = "bound", nbest: int = 1):
     cfg = model.config
     batch, src_len = src.shape
-    k = beam_size
+    k, n = beam_size, nbest
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)  # [B]
     alpha = jnp.asarray(alpha, jnp.float32)
     segments = search_segments(buffer_len)
@@ -287,7 +288,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
 
     def select(i, log_probs, search):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
-        live_seqs, live_scores, fin_seqs, fin_scores, fin_count, done, done_at = search
+        live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, done, done_at = search
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
@@ -303,12 +304,11 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         in_top_k = jnp.arange(2 * k)[None, :] < k
         finishing = valid & ((is_eos & in_top_k) | at_limit) & ~done[:, None]
         new_fin = jnp.where(finishing, top_scores / penalty(length, alpha), NEG_INF)
-        best = jnp.argmax(new_fin, axis=1)  # [B]
-        best_score = jnp.take_along_axis(new_fin, best[:, None], axis=1)[:, 0]
-        better = (best_score > fin_scores) & ~done
-        fin_scores = jnp.where(better, best_score, fin_scores)
-        best_seq = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
-        fin_seqs = jnp.where(better[:, None], best_seq, fin_seqs)
+        # The N best finished so far, best first: the kept ones before the new ones, so a tie keeps the
+        # earlier (shorter) hypothesis.
+        fin_scores, best = jax.lax.top_k(jnp.concatenate([fin_scores, new_fin], axis=1), n)  # [B,N]
+        fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, seqs], axis=1), best)
+        fin_log_probs = jnp.take_along_axis(jnp.concatenate([fin_log_probs, top_scores], axis=1), best, axis=1)
         # The K best non-EOS candidates stay live (there are at least K among the top 2K); none past the limit.
         live_candidates = jnp.where(is_eos | at_limit | ~valid, NEG_INF, top_scores)
         live_scores, keep = jax.lax.top_k(live_candidates, k)  # [B,K]
@@ -319,18 +319,19 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
             # the most favourable length penalty left (at the limit for alpha >= 0).
             remaining = [length_penalty(length + 1.0, alpha), length_penalty(limits.astype(jnp.float32), alpha)]
             bound = jnp.maximum(live_scores[:, 0] / remaining[0], live_scores[:, 0] / remaining[1])
-            finished = fin_scores >= bound
+            finished = fin_scores[:, -1] >= bound  # the N-th best cannot be beaten
         else:  # "finished": K hypotheses have ended, the rule of fairseq and CTranslate2 (patience 1)
             fin_count = fin_count + jnp.sum(finishing, axis=1, dtype=jnp.int32)
             finished = fin_count >= k
         now_done = done | (i + 1 >= limits) | finished | (live_scores[:, 0] <= NEG_INF / 2)
         done_at = jnp.where(now_done & ~done, i + 1, done_at)
-        return (live_seqs, live_scores, fin_seqs, fin_scores, fin_count, now_done, done_at), origin
+        return (live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, now_done, done_at), origin
 
     search = (jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32),  # live_seqs
               jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1)),  # one live beam
-              jnp.full((batch, buffer_len), PAD_ID, jnp.int32),  # fin_seqs
-              jnp.full((batch,), NEG_INF, jnp.float32),  # fin_scores
+              jnp.full((batch, n, buffer_len), PAD_ID, jnp.int32),  # fin_seqs, best first
+              jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_scores
+              jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_log_probs
               jnp.zeros((batch,), jnp.int32),  # fin_count
               jnp.zeros((batch,), bool),  # done
               jnp.zeros((batch,), jnp.int32))  # done_at
@@ -345,15 +346,15 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         return i + 1, search, reorder_beams(cache, origin)
 
     i, search = _segmented_loop(segments, (jnp.int32(1), search, cache), body,
-                                   lambda state: jnp.all(state[1][5]))
-    return {"tokens": search[2], "scores": search[3], "steps": i, "done_at": search[6]}
+                                lambda state: jnp.all(state[1][6]))
+    return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7]}
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
-                   stop: str = "bound"):
+                   stop: str = "bound", nbest: int = 1):
     return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
-                                     stop=stop))
+                                     stop=stop, nbest=nbest))
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
@@ -367,16 +368,28 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, m
     finished, scored by log-prob / len**alpha (stop="finished", CTranslate2's and fairseq's rule). At a
     row's length limit EOS is forced and its log-prob counted (fairseq).
     """
+    out = beam_search_nbest(model, params, src, 1, beam_size=beam_size, alpha=alpha, max_extra_len=max_extra_len,
+                            max_len=max_len, stop=stop)
+    return out["tokens"][:, 0], out["scores"][:, 0]
+
+
+def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alpha: float = 0.6,
+                      max_extra_len: int = 50, max_len: int | None = None, stop: str = "bound") -> dict:
+    """`beam_search`'s N best finished hypotheses of each row, best first: {"tokens" [B,N,L], "scores" [B,N]
+    (length-penalised), "log_probs" [B,N] (their sums of token log-probs, EOS included), ...}. N <= the beam
+    size; with stop="bound" a row ends once no live beam can beat its N-th best. A row with fewer than N
+    finished hypotheses has NEG_INF scores in the rest."""
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    src = jnp.asarray(src, jnp.int32)
-    buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
+    if not 1 <= int(nbest) <= int(beam_size):
+        raise ValueError(f"nbest must be between 1 and the beam size {beam_size}, got {nbest}")
     if stop not in STOP_RULES:
         raise ValueError(f"decode.stop: unknown rule {stop!r}; choose one of {', '.join(STOP_RULES)}")
-    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop)
-    out = fn(_variables(params), src, jnp.float32(alpha))
-    return out["tokens"], out["scores"]
+    src = jnp.asarray(src, jnp.int32)
+    buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
+    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
+    return fn(_variables(params), src, jnp.float32(alpha))
 
 
 # ----------------------------------------------------------------------------- scoring

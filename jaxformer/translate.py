@@ -35,7 +35,8 @@ from jaxformer.config import decode_settings
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.model import Transformer
 
-__all__ = ["Translator", "translate_texts", "translate_ids", "score_ids", "decode_settings", "SOURCE_BUCKETS"]
+__all__ = ["Translator", "translate_texts", "translate_ids", "search_ids", "score_ids", "decode_settings",
+           "SOURCE_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,20 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
     Sources longer than the model's max_len - 1 are truncated, and outputs capped at max_len (both with one
     logged warning naming the keys; see the module docstring); an empty source gives [].
     """
+    return [hyps[0]["tokens"] if hyps else [] for hyps in search_ids(model, params, src_ids, decode_cfg, **overrides)]
+
+
+def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], decode_cfg: Mapping | None = None, *,
+               nbest: int = 1, with_scores: bool = False, **overrides) -> list[list[dict]]:
+    """`translate_ids` with each sentence's `nbest` best hypotheses, best first (beam search; N <= beam size):
+    [{"tokens": ids, "score": length-penalised log-prob, "log_prob": the sum of its token log-probs, EOS
+    included}, ...]; an empty source gives []. Greedy search (beam size 1) gives one hypothesis, scored
+    (teacher-forced, `score_ids`) when `with_scores`; without it greedy's "score"/"log_prob" are None."""
     from jaxformer import decode as decode_lib
 
     settings = decode_settings(decode_cfg, **overrides)
+    if not 1 <= int(nbest) <= int(settings["beam_size"]):
+        raise ValueError(f"nbest={nbest} must be between 1 and the beam size ({settings['beam_size']})")
     config = model.config
     limit, extra = config.max_len - 1, int(settings["max_extra_len"])
     sources, truncated, capped = [], [], 0
@@ -84,7 +96,7 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
         log.warning("%d of %d sentences have input + decode.max_extra_len=%d longer than model.max_len=%d: their "
                     "output is capped at %d tokens (train with a larger model.max_len to lift the cap)",
                     capped, len(sources), extra, config.max_len, config.max_len)
-    outputs: list[list[int]] = [[] for _ in sources]
+    outputs: list[list[dict]] = [[] for _ in sources]
     todo = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))  # longest first
     batch_size = int(settings["batch_size"])
     chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -104,13 +116,17 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
     else:
         places = [(params, None)] * len(chunks)
 
-    def finish(chunk, tokens):
-        tokens = np.asarray(tokens)
+    def finish(chunk, found):
+        found = {key: np.asarray(value) for key, value in found.items()}  # tokens [rows, N, L], scores [rows, N]
         for row, i in enumerate(chunk):
-            seq = tokens[row].tolist()
-            if EOS_ID in seq:
-                seq = seq[:seq.index(EOS_ID)]
-            outputs[i] = [t for t in seq if t != PAD_ID]
+            for n, seq in enumerate(found["tokens"][row].tolist()):
+                score = float(found["scores"][row, n]) if "scores" in found else None
+                if score is not None and score <= decode_lib.NEG_INF / 2:
+                    break  # fewer than N hypotheses finished
+                if EOS_ID in seq:
+                    seq = seq[:seq.index(EOS_ID)]
+                log_prob = float(found["log_probs"][row, n]) if "log_probs" in found else None
+                outputs[i].append({"tokens": [t for t in seq if t != PAD_ID], "score": score, "log_prob": log_prob})
 
     in_flight: collections.deque = collections.deque()  # searches dispatched, not yet read back
     limit = 2 * devices  # the host prepares the next batches while the devices search
@@ -127,11 +143,18 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
             src[row, len(sources[i])] = EOS_ID
         if place is not None:
             src = jax.device_put(src, place)
-        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings)))
+        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest))))
         if len(in_flight) >= limit:
             finish(*in_flight.popleft())
     while in_flight:
         finish(*in_flight.popleft())
+    if with_scores and int(settings["beam_size"]) == 1:
+        done = [i for i, hyps in enumerate(outputs) if hyps]
+        scores = score_ids(model, params, [sources[i] for i in done], [outputs[i][0]["tokens"] for i in done],
+                           settings)
+        for i, scored in zip(done, scores):
+            if scored is not None:
+                outputs[i][0].update(score=scored["score"], log_prob=scored["log_prob"])
     return outputs
 
 
@@ -155,14 +178,16 @@ def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
     return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
 
 
-def _search(decode_lib, model, params, src, settings):
-    """Dispatch one batch's search (greedy for beam_size 1); returns its tokens [rows, L], not yet ready."""
+def _search(decode_lib, model, params, src, settings, nbest: int = 1) -> dict:
+    """Dispatch one batch's search (greedy for beam_size 1): {"tokens" [rows, N, L], and from beam search
+    "scores" and "log_probs" [rows, N]}, not yet ready."""
     if int(settings["beam_size"]) == 1:
-        return decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
-    tokens, _ = decode_lib.beam_search(model, params, src, beam_size=int(settings["beam_size"]),
-                                       alpha=float(settings["length_penalty"]),
-                                       max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"])
-    return tokens
+        tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
+        return {"tokens": tokens[:, None]}
+    found = decode_lib.beam_search_nbest(model, params, src, nbest, beam_size=int(settings["beam_size"]),
+                                         alpha=float(settings["length_penalty"]),
+                                         max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"])
+    return {key: found[key] for key in ("tokens", "scores", "log_probs")}
 
 
 def score_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
@@ -212,9 +237,12 @@ def score_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], tgt_
 
 
 def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[str],
-                    decode_cfg: Mapping | None = None, **overrides) -> list[str]:
+                    decode_cfg: Mapping | None = None, *, nbest: int | None = None, with_scores: bool = False,
+                    **overrides) -> list[str] | list[list[dict]]:
     """Detokenized translations of `sentences`, in their order. `decode_cfg` is `config.decode`
-    (beam_size, length_penalty, max_extra_len, batch_size); beam_size 1 means greedy search."""
+    (beam_size, length_penalty, max_extra_len, batch_size); beam_size 1 means greedy search. With `nbest`
+    or `with_scores`, each sentence's hypotheses instead, best first: [{"text", "score", "log_prob",
+    "tokens" (pieces)}] (`search_ids`); a blank sentence has none."""
     if isinstance(sentences, str):
         raise TypeError("translate_texts takes a list of sentences; wrap a single one in a list")
     sentences = list(sentences)
@@ -223,9 +251,15 @@ def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[s
     blank = [not s.strip() for s in sentences]
     ids = tokenizer.encode([s if not b else "" for s, b in zip(sentences, blank)])
     ids = [[] if b else seq for seq, b in zip(ids, blank)]
-    out_ids = translate_ids(model, params, ids, decode_cfg, **overrides)
-    texts = tokenizer.decode(out_ids) if out_ids else []
-    return ["" if b else t for t, b in zip(texts, blank)]
+    if nbest is None and not with_scores:
+        out_ids = translate_ids(model, params, ids, decode_cfg, **overrides)
+        texts = tokenizer.decode(out_ids) if out_ids else []
+        return ["" if b else t for t, b in zip(texts, blank)]
+    found = search_ids(model, params, ids, decode_cfg, nbest=nbest or 1, with_scores=True, **overrides)
+    hypotheses = [hyp for hyps in found for hyp in hyps]
+    for hyp, text in zip(hypotheses, tokenizer.decode([hyp["tokens"] for hyp in hypotheses]) if hypotheses else []):
+        hyp.update(text=text, tokens=[tokenizer.id_to_piece(t) for t in hyp["tokens"]])
+    return [[{key: hyp[key] for key in ("text", "score", "log_prob", "tokens")} for hyp in hyps] for hyps in found]
 
 
 @dataclasses.dataclass
@@ -251,12 +285,15 @@ class Translator:
 
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
                   length_penalty: float | None = None, max_extra_len: int | None = None,
-                  batch_size: int | None = None, stop: str | None = None,
-                  parallel: str | None = None) -> str | list[str]:
+                  batch_size: int | None = None, stop: str | None = None, parallel: str | None = None,
+                  nbest: int | None = None, with_scores: bool = False):
+        """Translations (one string in, one out), or with `nbest` / `with_scores` each sentence's hypotheses
+        as dicts (see `translate_texts`)."""
         single = isinstance(sentences, str)
         out = translate_texts(self.model, self.params, self.tokenizer, [sentences] if single else sentences,
-                              self.decode, beam_size=beam_size, length_penalty=length_penalty,
-                              max_extra_len=max_extra_len, batch_size=batch_size, stop=stop, parallel=parallel)
+                              self.decode, nbest=nbest, with_scores=with_scores, beam_size=beam_size,
+                              length_penalty=length_penalty, max_extra_len=max_extra_len, batch_size=batch_size,
+                              stop=stop, parallel=parallel)
         return out[0] if single else out
 
     def score(self, sources: Sequence[str], targets: Sequence[str], *, length_penalty: float | None = None,

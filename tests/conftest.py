@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+NUMBER_WORDS = REPO.parent / "shared" / "models" / "number_words"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,16 @@ def multi30k_dir() -> pathlib.Path:
     if not (MULTI30K / "train.en").exists():
         pytest.fail(f"Multi30k data not found at {MULTI30K}; the tests expect ../shared beside the checkout")
     return MULTI30K
+
+
+@pytest.fixture(scope="session")
+def number_words():
+    """The shared offline-default model (../shared/models/number_words: English number words to German), loaded."""
+    if not (NUMBER_WORDS / "config.json").exists():
+        pytest.fail(f"the shared model is not at {NUMBER_WORDS}; the tests expect ../shared beside the checkout")
+    import jaxformer
+
+    return jaxformer.load(NUMBER_WORDS)
 
 
 def multi30k_vocabulary(multi30k_dir: pathlib.Path, pairs: int, pieces: int, path: pathlib.Path):

@@ -9,6 +9,7 @@ by hand (so the right answer is known in closed form), and one trained for a few
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import tempfile
 
@@ -529,3 +530,48 @@ def test_score_sequences_counts_eos_and_ignores_padding(copy_model, copy_src):
     penalised = np.asarray(score_sequences(model, params, copy_src, tokens, 0.6))
     np.testing.assert_allclose(penalised, raw / length_penalty(lengths_of(tokens), 0.6), rtol=1e-5)
     assert (raw <= 0).all() and math.isfinite(raw.sum())
+
+
+def test_nbest_lists_are_sorted_distinct_and_scored_as_the_decoder_scores_them(random_model, random_src):
+    model, params = random_model
+    best, best_scores = beam_search(model, params, random_src, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
+    found = decode.beam_search_nbest(model, params, random_src, 3, beam_size=4, alpha=0.6, max_extra_len=EXTRA)
+    tokens, scores, log_probs = (np.asarray(found[key]) for key in ("tokens", "scores", "log_probs"))
+    assert tokens.shape[:2] == (len(random_src), 3)
+    np.testing.assert_array_equal(tokens[:, 0], best)  # the first is the 1-best search's hypothesis
+    np.testing.assert_allclose(scores[:, 0], best_scores, rtol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    for row in range(len(random_src)):
+        if (random_src[row] == PAD_ID).all():
+            continue  # a filler row: one empty hypothesis
+        assert len({tuple(t) for t in tokens[row]}) == 3
+        rescored = score_sequences(model, params, np.repeat(random_src[row:row + 1], 3, axis=0), tokens[row], 0.6)
+        np.testing.assert_allclose(rescored, scores[row], rtol=1e-4, atol=1e-4)
+        penalties = length_penalty(lengths_of(tokens[row]).astype(np.float32), 0.6)
+        np.testing.assert_allclose(log_probs[row] / penalties, scores[row], rtol=1e-5)
+    with pytest.raises(ValueError, match="nbest"):
+        decode.beam_search_nbest(model, params, random_src, 5, beam_size=4)
+
+
+def test_nbest_equals_the_n_best_of_every_hypothesis_when_the_beam_holds_them_all():
+    # Two likely tokens (4, 5) and EOS after BOS, 4 and 5; outputs of at most 2 tokens + EOS: 7 hypotheses,
+    # which a beam of 8 never prunes (a source of 1 token + EOS and max_extra_len 1: a limit of 3 with EOS).
+    # Its 4 best must be the 4 best of an exhaustive enumeration.
+    rng = np.random.default_rng(3)
+    table = {prev: dict(zip((4, 5, EOS_ID), np.log(rng.dirichlet([1.0, 1.0, 1.0])).tolist()))
+             for prev in (BOS_ID, 4, 5)}
+    model, params, log_probs = bigram_model(table)
+    src = sources([1], 2, 16)
+    found = decode.beam_search_nbest(model, params, src, 4, beam_size=8, alpha=0.6, max_extra_len=1)
+    everything = []
+    for length in range(3):
+        for body in itertools.product(range(16), repeat=length):
+            if any(t in (PAD_ID, BOS_ID, EOS_ID) for t in body):
+                continue
+            path = (BOS_ID,) + body + (EOS_ID,)
+            total = sum(log_probs[a, b] for a, b in zip(path, path[1:]))
+            everything.append((total / float(length_penalty(length + 1.0, 0.6)), list(body) + [EOS_ID]))
+    everything.sort(key=lambda item: -item[0])
+    tokens = np.asarray(found["tokens"])[0]
+    assert [list(t[t != PAD_ID]) for t in tokens] == [seq for _, seq in everything[:4]]
+    np.testing.assert_allclose(np.asarray(found["scores"])[0], [score for score, _ in everything[:4]], rtol=1e-5)

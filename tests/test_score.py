@@ -9,23 +9,20 @@ import pathlib
 import numpy as np
 import pytest
 
-import jaxformer
 from jaxformer import cli, decode
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.synthetic import english_words, german_words
 from jaxformer.translate import score_ids
 
-MODEL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "number_words"
+MODEL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "number_words"  # conftest's number_words
 NUMBERS = [7, 21, 400, 1234, 99999, 310412, 5, 68, 700001, 12]
 SOURCES = [english_words(n) for n in NUMBERS]
 TARGETS = [german_words(n) for n in NUMBERS]
 
 
 @pytest.fixture(scope="module")
-def translator():
-    if not MODEL.exists():
-        pytest.skip(f"the shared model {MODEL} is not here")
-    return jaxformer.load(MODEL)
+def translator(number_words):
+    return number_words
 
 
 def teacher_forced(translator, src_ids, tgt_ids):

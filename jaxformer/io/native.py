@@ -143,7 +143,8 @@ def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, d
         fn = jax.jit(lambda v, src: decode_lib._greedy(model, buffer_len, max_extra_len, v, src)["tokens"])
     else:
         search = {"function": "beam_search", "beam_size": beam_size, "alpha": alpha}
-        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src, alpha)["tokens"])
+        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src,
+                                                     alpha)["tokens"][:, 0])  # the best of [B, N=1, L]
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), variables)
     batch, = jax.export.symbolic_shape("batch")
     kwargs = {"platforms": tuple(platforms)} if platforms else {}
