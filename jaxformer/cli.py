@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import logging
 import sys
 from typing import Any
@@ -116,6 +117,50 @@ def _typed(value: str, like: Any, name: str) -> Any:
     return value
 
 
+def _stream_fd(stdin) -> int | None:
+    """stdin's descriptor where it is a terminal or a pipe; None for a file (or a stand-in without one)."""
+    import io
+    import stat
+
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, io.UnsupportedOperation, ValueError):
+        return None
+    return None if stat.S_ISREG(os.fstat(fd).st_mode) else fd
+
+
+def _progress(total: int | None, batch_size: int, quiet: bool):
+    """A tqdm bar on stderr for a file of more than a few batches (`--quiet`: none)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True,
+                disable=quiet or total is None or total <= 4 * batch_size)
+
+
+def _lines_as_they_come(fd: int, size: int, wait: float = 0.01):
+    """Lines of a pipe or terminal in batches of what has arrived: wait for a line, then take every line
+    already there (up to `size`, and whatever comes within `wait` seconds), so that a person typing one line,
+    or a program writing one and waiting for its answer, gets it at once."""
+    import select
+
+    pending, lines = b"", []
+    while True:
+        if lines and (len(lines) >= size or not select.select([fd], [], [], wait)[0]):
+            yield lines[:size]
+            lines = lines[size:]
+            continue
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        lines += [line.decode("utf-8").rstrip("\r") for line in complete]
+    if pending:
+        lines.append(pending.decode("utf-8").rstrip("\r"))
+    while lines:
+        yield lines[:size]
+        lines = lines[size:]
+
+
 def _chunks(lines, size: int):
     chunk = []
     for line in lines:
@@ -141,10 +186,20 @@ def _cmd_translate(args) -> int:
                          f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
     count = 0
     with contextlib.ExitStack() as stack:
-        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
         to_stdout = args.output in (None, "-")
         sink = sys.stdout if to_stdout else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        for lines in _chunks(source, chunk_size):  # translations appear chunk by chunk, in input order
+        total, stream = None, _stream_fd(sys.stdin) if args.input == "-" else None
+        if stream is not None:  # a terminal or a pipe: each line answered as soon as it is read
+            batches = _lines_as_they_come(stream, chunk_size)
+        else:  # a file: large chunks, sorted by length within each, and a progress bar
+            source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
+            if args.input != "-":
+                with open(args.input, "rb") as f:
+                    total = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            batches = _chunks(source, chunk_size)
+        progress = stack.enter_context(_progress(total, int(args.batch_size or translator.decode["batch_size"]),
+                                                 args.quiet))
+        for lines in batches:  # translations appear batch by batch, in input order
             if scored:
                 found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
                 sink.write(_hypotheses_lines(lines, found, count, args.format))
@@ -153,6 +208,7 @@ def _cmd_translate(args) -> int:
                 sink.write("".join(o.replace("\n", " ") + "\n" for o in outputs))
             sink.flush()
             count += len(lines)
+            progress.update(len(lines))
     if not to_stdout:
         log.info("wrote %d translations to %s", count, args.output)
     return 0
@@ -291,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
     p.add_argument("--nbest", type=int, default=None, metavar="N",
                    help="the N best hypotheses of the beam (N <= beam size) with their scores, as "
                         "'i ||| hypothesis ||| score' lines (text) or a list per line (jsonl)")
