@@ -7,6 +7,8 @@ For each model of ../shared/models (multi30k_tok on the 1,000 tokenized test2016
 1,000 number phrases of `jaxformer.synthetic.english_words`), for greedy and beam 4, in one process:
   jaxformer                  `jaxformer.load(model).translate` (the model's decode settings, --batch-size)
   jaxformer stop=finished    beam only: `decode.stop=finished`, CTranslate2's stopping rule
+  jaxformer parallel=split   with --devices N > 1: each batch split over the devices (our default on CPU
+                             devices, `decode.parallel=auto`, gives each device its own batches)
   jaxformer@REV              with --compare: the same call on commit REV's package (`at_commit.package_at`)
   ctranslate2 float32 iN/tM  the `jaxformer export --format ctranslate2` model, intra_threads N / inter_threads M
                              (both splits of --threads, every core by default; the best is x_ct2_best's 1.0)
@@ -124,6 +126,8 @@ def main(argv=None):
             engines = {"jaxformer": go()}
             if beam > 1:
                 engines["jaxformer stop=finished"] = go(stop="finished")
+            if args.devices > 1:  # our default on CPU devices is a batch per device; beside it, each batch split
+                engines["jaxformer parallel=split"] = go(parallel="split")
             if old_translator is not None:
                 engines[f"jaxformer@{args.compare}"] = go(old_translator)
             splits = sorted({(args.threads, 1), (1, args.threads)})

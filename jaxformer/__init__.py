@@ -2,7 +2,13 @@
 
 
 def load(path, *, step=None, average_last=None):
-    """The `Translator` of a run directory or an export directory (see `jaxformer.io.load`)."""
+    """The `Translator` of a run directory or an export directory (see `jaxformer.io.load`). On a CPU, when
+    JAX has not started yet, every core becomes a JAX device first (`parallel.use_every_cpu_core`), so that
+    the Translator's searches use them all, as the CLI's do; computations of one's own still default to
+    device 0."""
+    from jaxformer import parallel
     from jaxformer.io import load as load_model
+
+    parallel.use_every_cpu_core()
 
     return load_model(path, step=step, average_last=average_last)

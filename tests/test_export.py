@@ -9,6 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +152,23 @@ def test_translate_over_the_devices_gives_the_one_device_result(bundle, parallel
         expected = [[t for t in row[:list(row).index(EOS_ID)] if t != PAD_ID] if EOS_ID in row else
                     [t for t in row if t != PAD_ID] for row in np.asarray(tokens).tolist()]
         assert split[beam] == expected
+
+
+def test_load_gives_a_translator_every_cpu_core_unless_jax_had_started(number_words):
+    """`jaxformer.load` in a fresh process makes each core a JAX device (as the CLI does); after JAX has
+    started it changes nothing."""
+    script = ("import os, sys, jax, jaxformer\n"
+              "{before}"
+              "t = jaxformer.load(sys.argv[1])\n"
+              "print(jax.local_device_count(), os.cpu_count(), t.translate('seven', beam_size=1))\n")
+    env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                            os.environ.get("XLA_FLAGS", "")))
+    for before, expected in (("", os.cpu_count()), ("jax.devices()\n", 1)):
+        result = subprocess.run([sys.executable, "-c", script.format(before=before), str(number_words.source)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        devices, cores, text = result.stdout.split(maxsplit=2)
+        assert int(devices) == expected and text.strip() == number_words.translate("seven", beam_size=1)
 
 
 def test_balanced_batches_give_every_device_as_many_batches_and_keep_every_sentence():
