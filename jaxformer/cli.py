@@ -184,6 +184,10 @@ def _cmd_translate(args) -> int:
     if args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
         raise ValueError(f"--nbest {args.nbest} is larger than the beam size "
                          f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
+    prefixes = None
+    if args.prefix is not None:
+        with open(args.prefix, encoding="utf-8") as f:
+            prefixes = [line.rstrip("\r\n") for line in f]
     count = 0
     with contextlib.ExitStack() as stack:
         to_stdout = args.output in (None, "-")
@@ -197,9 +201,16 @@ def _cmd_translate(args) -> int:
                 with open(args.input, "rb") as f:
                     total = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
             batches = _chunks(source, chunk_size)
+        if prefixes is not None and total is not None and total != len(prefixes):
+            raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but {args.input} has {total}: "
+                             f"give one prefix per input line (an empty line for none)")
         progress = stack.enter_context(_progress(total, int(args.batch_size or translator.decode["batch_size"]),
                                                  args.quiet))
         for lines in batches:  # translations appear batch by batch, in input order
+            if prefixes is not None:
+                if count + len(lines) > len(prefixes):
+                    raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines, fewer than the input")
+                overrides["prefix"] = prefixes[count:count + len(lines)]
             if scored:
                 found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
                 sink.write(_hypotheses_lines(lines, found, count, args.format))
@@ -209,6 +220,8 @@ def _cmd_translate(args) -> int:
             sink.flush()
             count += len(lines)
             progress.update(len(lines))
+    if prefixes is not None and count != len(prefixes):
+        raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but the input had {count}")
     if not to_stdout:
         log.info("wrote %d translations to %s", count, args.output)
     return 0
@@ -348,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
+    p.add_argument("--prefix", default=None, metavar="FILE",
+                   help="one target prefix per input line (empty for none): each translation starts with it")
     p.add_argument("--nbest", type=int, default=None, metavar="N",
                    help="the N best hypotheses of the beam (N <= beam size) with their scores, as "
                         "'i ||| hypothesis ||| score' lines (text) or a list per line (jsonl)")

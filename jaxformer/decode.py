@@ -190,7 +190,25 @@ def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
     return jnp.where(at_limit[..., None] & ~only_eos, NEG_INF, log_probs)
 
 
-def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src):
+def _prefix_token(prefix: jax.Array | None, i, at_limit: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """(the token forced at position i [B], where it is forced [B]) for target prefixes [B,P] (PAD after each
+    row's prefix), or None without prefixes. At a row's length limit EOS wins: the prefix is cut to fit."""
+    if prefix is None:
+        return None
+    wanted = jax.lax.dynamic_index_in_dim(prefix, jnp.minimum(i, prefix.shape[1] - 1), axis=1, keepdims=False)
+    return wanted, (i < prefix.shape[1]) & (wanted != PAD_ID) & ~at_limit
+
+
+def _force_prefix(log_probs: jax.Array, forced) -> jax.Array:
+    """Where a prefix token is forced (`_prefix_token`), only it can follow, at its own log-prob's cost.
+    log_probs [B,V] or [B,K,V]."""
+    if forced is None:
+        return log_probs
+    wanted, where = (a.reshape(a.shape + (1,) * (log_probs.ndim - 1)) for a in forced)
+    return jnp.where(where & (jnp.arange(log_probs.shape[-1]) != wanted), NEG_INF, log_probs)
+
+
+def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -200,7 +218,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
     logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                  jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
-    logits = _force_eos(logits, limits <= 1)
+    logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
     first = _first_argmax(logits)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
@@ -210,7 +228,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         i, tokens, done, done_at, cache = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
-        logits = _force_eos(logits, i + 1 >= limits)
+        logits = _force_prefix(_force_eos(logits, i + 1 >= limits), _prefix_token(prefix, i, i + 1 >= limits))
         token = jnp.where(done, PAD_ID, _first_argmax(logits))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         finished = done | (token == EOS_ID) | (i + 1 >= limits)
@@ -228,7 +246,8 @@ def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: 
     return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len))
 
 
-def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50) -> jax.Array:
+def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
+                  prefix=None) -> jax.Array:
     """Greedy decoding of src [B,S] -> tokens int32 [B,L] (no BOS; EOS, then PAD).
 
     `max_len` caps the output length (EOS included) below the model's own max_len. At a row's limit EOS is
@@ -237,7 +256,7 @@ def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_l
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src)["tokens"]
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, _prefix(prefix))["tokens"]
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -268,7 +287,7 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
-          stop: str = "bound", nbest: int = 1):
+          prefix=None, stop: str = "bound", nbest: int = 1):
     cfg = model.config
     batch, src_len = src.shape
     k, n = beam_size, nbest
@@ -292,6 +311,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
+        log_probs = _force_prefix(log_probs, _prefix_token(prefix, i, at_limit[:, 0]))
         candidates = (live_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
         top_scores, top_index = block_top_k(candidates, 2 * k)  # [B,2K]
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -357,8 +377,18 @@ def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, m
                                      stop=stop, nbest=nbest))
 
 
+def _prefix(prefix):
+    """Target prefixes as int32 [B,P] (P >= 1), or None."""
+    if prefix is None:
+        return None
+    prefix = jnp.asarray(prefix, jnp.int32)
+    if prefix.ndim != 2 or prefix.shape[1] < 1:
+        raise ValueError(f"prefix must be [batch, length >= 1] tokens, got shape {prefix.shape}")
+    return prefix
+
+
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
-                max_len: int | None = None, stop: str = "bound") -> tuple[jax.Array, jax.Array]:
+                max_len: int | None = None, stop: str = "bound", prefix=None) -> tuple[jax.Array, jax.Array]:
     """Beam search of src [B,S] -> (tokens int32 [B,L], scores float32 [B]): each row's best hypothesis.
 
     The score is the length-penalised log-prob (see module doc). With beam_size=1 and alpha=0 this is
@@ -369,16 +399,18 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, m
     row's length limit EOS is forced and its log-prob counted (fairseq).
     """
     out = beam_search_nbest(model, params, src, 1, beam_size=beam_size, alpha=alpha, max_extra_len=max_extra_len,
-                            max_len=max_len, stop=stop)
+                            max_len=max_len, stop=stop, prefix=prefix)
     return out["tokens"][:, 0], out["scores"][:, 0]
 
 
 def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alpha: float = 0.6,
-                      max_extra_len: int = 50, max_len: int | None = None, stop: str = "bound") -> dict:
+                      max_extra_len: int = 50, max_len: int | None = None, stop: str = "bound",
+                      prefix=None) -> dict:
     """`beam_search`'s N best finished hypotheses of each row, best first: {"tokens" [B,N,L], "scores" [B,N]
     (length-penalised), "log_probs" [B,N] (their sums of token log-probs, EOS included), ...}. N <= the beam
     size; with stop="bound" a row ends once no live beam can beat its N-th best. A row with fewer than N
-    finished hypotheses has NEG_INF scores in the rest."""
+    finished hypotheses has NEG_INF scores in the rest. `prefix` [B,P] (PAD after each row's prefix; no EOS)
+    forces each output's first tokens, at their log-probs' cost; the search goes on from there."""
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -389,7 +421,7 @@ def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alp
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
-    return fn(_variables(params), src, jnp.float32(alpha))
+    return fn(_variables(params), src, jnp.float32(alpha), _prefix(prefix))
 
 
 # ----------------------------------------------------------------------------- scoring

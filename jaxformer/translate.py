@@ -68,16 +68,21 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
 
 
 def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], decode_cfg: Mapping | None = None, *,
-               nbest: int = 1, with_scores: bool = False, **overrides) -> list[list[dict]]:
+               nbest: int = 1, with_scores: bool = False, prefixes: Sequence[Sequence[int]] | None = None,
+               **overrides) -> list[list[dict]]:
     """`translate_ids` with each sentence's `nbest` best hypotheses, best first (beam search; N <= beam size):
     [{"tokens": ids, "score": length-penalised log-prob, "log_prob": the sum of its token log-probs, EOS
     included}, ...]; an empty source gives []. Greedy search (beam size 1) gives one hypothesis, scored
-    (teacher-forced, `score_ids`) when `with_scores`; without it greedy's "score"/"log_prob" are None."""
+    (teacher-forced, `score_ids`) when `with_scores`; without it greedy's "score"/"log_prob" are None.
+    `prefixes` (ids, one per source, possibly empty): each output starts with its prefix, forced, and the
+    search goes on from there (cut to fit the output limit)."""
     from jaxformer import decode as decode_lib
 
     settings = decode_settings(decode_cfg, **overrides)
     if not 1 <= int(nbest) <= int(settings["beam_size"]):
         raise ValueError(f"nbest={nbest} must be between 1 and the beam size ({settings['beam_size']})")
+    if prefixes is not None and len(prefixes) != len(src_ids):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(src_ids)} sources: give one per source (empty for none)")
     config = model.config
     limit, extra = config.max_len - 1, int(settings["max_extra_len"])
     sources, truncated, capped = [], [], 0
@@ -141,9 +146,15 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
         for row, i in enumerate(chunk):
             src[row, :len(sources[i])] = sources[i]
             src[row, len(sources[i])] = EOS_ID
+        prefix = None
+        if prefixes is not None and any(prefixes[i] for i in chunk):
+            prefix = np.full((rows, _bucket(max(len(prefixes[i]) for i in chunk), config.max_len)), PAD_ID, np.int32)
+            for row, i in enumerate(chunk):
+                prefix[row, :len(prefixes[i])] = [int(t) for t in prefixes[i]][:prefix.shape[1]]
         if place is not None:
             src = jax.device_put(src, place)
-        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest))))
+            prefix = None if prefix is None else jax.device_put(prefix, place)
+        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest), prefix)))
         if len(in_flight) >= limit:
             finish(*in_flight.popleft())
     while in_flight:
@@ -178,15 +189,17 @@ def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
     return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
 
 
-def _search(decode_lib, model, params, src, settings, nbest: int = 1) -> dict:
+def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None) -> dict:
     """Dispatch one batch's search (greedy for beam_size 1): {"tokens" [rows, N, L], and from beam search
     "scores" and "log_probs" [rows, N]}, not yet ready."""
     if int(settings["beam_size"]) == 1:
-        tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]))
+        tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]),
+                                          prefix=prefix)
         return {"tokens": tokens[:, None]}
     found = decode_lib.beam_search_nbest(model, params, src, nbest, beam_size=int(settings["beam_size"]),
                                          alpha=float(settings["length_penalty"]),
-                                         max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"])
+                                         max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"],
+                                         prefix=prefix)
     return {key: found[key] for key in ("tokens", "scores", "log_probs")}
 
 
@@ -238,11 +251,12 @@ def score_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], tgt_
 
 def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[str],
                     decode_cfg: Mapping | None = None, *, nbest: int | None = None, with_scores: bool = False,
-                    **overrides) -> list[str] | list[list[dict]]:
+                    prefixes: Sequence[str] | None = None, **overrides) -> list[str] | list[list[dict]]:
     """Detokenized translations of `sentences`, in their order. `decode_cfg` is `config.decode`
     (beam_size, length_penalty, max_extra_len, batch_size); beam_size 1 means greedy search. With `nbest`
     or `with_scores`, each sentence's hypotheses instead, best first: [{"text", "score", "log_prob",
-    "tokens" (pieces)}] (`search_ids`); a blank sentence has none."""
+    "tokens" (pieces)}] (`search_ids`); a blank sentence has none. `prefixes`: one target prefix per sentence
+    (possibly ""), with which its translation starts."""
     if isinstance(sentences, str):
         raise TypeError("translate_texts takes a list of sentences; wrap a single one in a list")
     sentences = list(sentences)
@@ -251,8 +265,13 @@ def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[s
     blank = [not s.strip() for s in sentences]
     ids = tokenizer.encode([s if not b else "" for s, b in zip(sentences, blank)])
     ids = [[] if b else seq for seq, b in zip(ids, blank)]
+    if prefixes is not None:
+        if isinstance(prefixes, str) or len(prefixes) != len(sentences):
+            raise ValueError(f"give one prefix per sentence ({len(sentences)}), possibly empty")
+        overrides["prefixes"] = tokenizer.encode(list(prefixes))
     if nbest is None and not with_scores:
-        out_ids = translate_ids(model, params, ids, decode_cfg, **overrides)
+        out_ids = [hyps[0]["tokens"] if hyps else [] for hyps in search_ids(model, params, ids, decode_cfg,
+                                                                           **overrides)]
         texts = tokenizer.decode(out_ids) if out_ids else []
         return ["" if b else t for t, b in zip(texts, blank)]
     found = search_ids(model, params, ids, decode_cfg, nbest=nbest or 1, with_scores=True, **overrides)
@@ -286,12 +305,14 @@ class Translator:
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
                   length_penalty: float | None = None, max_extra_len: int | None = None,
                   batch_size: int | None = None, stop: str | None = None, parallel: str | None = None,
-                  nbest: int | None = None, with_scores: bool = False):
+                  nbest: int | None = None, with_scores: bool = False, prefix: str | Sequence[str] | None = None):
         """Translations (one string in, one out), or with `nbest` / `with_scores` each sentence's hypotheses
-        as dicts (see `translate_texts`)."""
+        as dicts (see `translate_texts`). `prefix`: the start of each translation (one per sentence)."""
         single = isinstance(sentences, str)
+        if prefix is not None and single:
+            prefix = [prefix]
         out = translate_texts(self.model, self.params, self.tokenizer, [sentences] if single else sentences,
-                              self.decode, nbest=nbest, with_scores=with_scores, beam_size=beam_size,
+                              self.decode, nbest=nbest, with_scores=with_scores, prefixes=prefix, beam_size=beam_size,
                               length_penalty=length_penalty, max_extra_len=max_extra_len, batch_size=batch_size,
                               stop=stop, parallel=parallel)
         return out[0] if single else out
