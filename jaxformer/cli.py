@@ -213,10 +213,19 @@ def _cmd_translate(args) -> int:
                 overrides["prefix"] = prefixes[count:count + len(lines)]
             if scored:
                 found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
+                if args.alignments:
+                    pairs = [(line, hyp) for line, hyps in zip(lines, found) for hyp in hyps]
+                    aligned = translator.align([line for line, _ in pairs], [hyp["text"] for _, hyp in pairs],
+                                               layer=args.alignment_layer)
+                    for (_, hyp), alignment in zip(pairs, aligned):
+                        hyp["alignment"] = alignment
                 sink.write(_hypotheses_lines(lines, found, count, args.format))
             else:
-                outputs = translator.translate(lines, **overrides)
-                sink.write("".join(o.replace("\n", " ") + "\n" for o in outputs))
+                outputs = [o.replace("\n", " ") for o in translator.translate(lines, **overrides)]
+                if args.alignments:
+                    outputs = [f"{o} ||| {_pairs(a)}" for o, a in
+                               zip(outputs, translator.align(lines, outputs, layer=args.alignment_layer))]
+                sink.write("".join(o + "\n" for o in outputs))
             sink.flush()
             count += len(lines)
             progress.update(len(lines))
@@ -280,8 +289,14 @@ def _hypotheses_lines(lines: list[str], found: list[list[dict]], first: int, fmt
     if fmt == "jsonl":
         return "".join(json.dumps({"source": line, "hypotheses": hyps}, ensure_ascii=False) + "\n"
                        for line, hyps in zip(lines, found))
-    return "".join(f"{first + n} ||| {hyp['text'].replace(chr(10), ' ')} ||| {hyp['score']:.6f}\n"
+    return "".join(f"{first + n} ||| {hyp['text'].replace(chr(10), ' ')} ||| {hyp['score']:.6f}"
+                   + (f" ||| {_pairs(hyp['alignment'])}" if "alignment" in hyp else "") + "\n"
                    for n, hyps in enumerate(found) for hyp in hyps)
+
+
+def _pairs(alignment) -> str:
+    """Hard alignment pairs as Moses and fairseq write them: `i-j` (source piece i, target piece j)."""
+    return " ".join(f"{i}-{j}" for i, j in alignment)
 
 
 def _cmd_evaluate(args, extra: list[str]) -> int:
@@ -361,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
+    p.add_argument("--alignments", action="store_true",
+                   help="append ' ||| i-j ...' (source piece i, target piece j) to each output, from one decoder "
+                        "layer's cross-attention averaged over heads (jsonl: an 'alignment' list)")
+    p.add_argument("--alignment-layer", type=int, default=-1, metavar="L",
+                   help="the decoder layer whose cross-attention aligns (default -1, the last, as fairseq)")
     p.add_argument("--prefix", default=None, metavar="FILE",
                    help="one target prefix per input line (empty for none): each translation starts with it")
     p.add_argument("--nbest", type=int, default=None, metavar="N",

@@ -331,4 +331,13 @@ class Translator:
                 result["tokens"] = [self.tokenizer.id_to_piece(t) for t in ids] + [self.tokenizer.id_to_piece(EOS_ID)]
         return results
 
+    def align(self, sources: Sequence[str], translations: Sequence[str], *,
+              layer: int = -1) -> list[list[tuple[int, int]]]:
+        """Hard alignments (source piece i, target piece j) of each translation to its source, from one decoder
+        layer's cross-attention (`jaxformer.alignment`); pieces as the vocabulary splits the two texts."""
+        from jaxformer.alignment import hard_alignments
+
+        return hard_alignments(self.model, self.params, self.tokenizer.encode(list(sources)),
+                               self.tokenizer.encode_target(list(translations)), layer=layer)
+
     __call__ = translate

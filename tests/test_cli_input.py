@@ -61,10 +61,10 @@ def test_a_file_of_many_batches_gets_a_progress_bar_unless_quiet(number_words, t
     src = tmp_path / "numbers.en"
     src.write_text("".join(english_words(n) + "\n" for n in range(9)), encoding="utf-8")
     args = ["translate", "--model", str(number_words.source), "--input", str(src), "--batch-size", "2",
-            "--beam-size", "1", "--output", str(tmp_path / "out.de")]
+            "--beam-size", "1", "--output", str(tmp_path / "out.de"), "--parallel", "split"]
     assert cli.main(args) == 0
     assert "9/9" in capsys.readouterr().err  # 9 lines, more than 4 batches of 2
     assert cli.main(args + ["--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert (tmp_path / "out.de").read_text(encoding="utf-8").splitlines() == number_words.translate(
-        [english_words(n) for n in range(9)], beam_size=1)
+        [english_words(n) for n in range(9)], beam_size=1, parallel="split")

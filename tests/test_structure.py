@@ -80,7 +80,7 @@ STAGES = {
     "jaxformer.attention": 1, "jaxformer.data": 1,
     "jaxformer.decode_cache": 2,
     "jaxformer.model": 3,
-    "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4,
+    "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4, "jaxformer.alignment": 4,
     "jaxformer.translate": 5,
     "jaxformer.io": 6, "jaxformer.plotting": 6,
     "jaxformer.evaluate": 7, "jaxformer.train": 7,
