@@ -181,7 +181,11 @@ def _cmd_translate(args) -> int:
     overrides = _decode_overrides(args)
     chunk_size = 32 * int(args.batch_size or translator.decode["batch_size"])  # sorted by length within a chunk
     scored = args.nbest is not None or args.format == "jsonl"
-    if args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
+    if args.sampling is not None:
+        from jaxformer.translate import parse_sampling
+        parse_sampling(args.sampling)  # a bad spec: one line before any work
+        overrides.update(sampling=args.sampling, temperature=args.temperature, seed=args.seed)
+    elif args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
         raise ValueError(f"--nbest {args.nbest} is larger than the beam size "
                          f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
     prefixes = None
@@ -207,6 +211,8 @@ def _cmd_translate(args) -> int:
         progress = stack.enter_context(_progress(total, int(args.batch_size or translator.decode["batch_size"]),
                                                  args.quiet))
         for lines in batches:  # translations appear batch by batch, in input order
+            if args.sampling is not None:
+                overrides["first_index"] = count  # samples as in one call, whatever the chunks
             if prefixes is not None:
                 if count + len(lines) > len(prefixes):
                     raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines, fewer than the input")
@@ -376,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
+    p.add_argument("--sampling", default=None, metavar="SPEC",
+                   help="draw translations instead of searching: full, topk:K or topp:P (with --nbest N: N "
+                        "independent samples per line), e.g. for back-translation")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same samples")
     p.add_argument("--alignments", action="store_true",
                    help="append ' ||| i-j ...' (source piece i, target piece j) to each output, from one decoder "
                         "layer's cross-attention averaged over heads (jsonl: an 'alignment' list)")

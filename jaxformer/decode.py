@@ -62,7 +62,7 @@ from jaxformer.model import Transformer, TransformerConfig
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
-__all__ = ["length_penalty", "greedy_search", "beam_search", "beam_search_nbest", "score_sequences",
+__all__ = ["length_penalty", "greedy_search", "sample_search", "beam_search", "beam_search_nbest", "score_sequences",
            "token_log_probs", "output_limits",
            "decode_buffer_len", "init_cache", "NEG_INF"]
 
@@ -208,7 +208,27 @@ def _force_prefix(log_probs: jax.Array, forced) -> jax.Array:
     return jnp.where(where & (jnp.arange(log_probs.shape[-1]) != wanted), NEG_INF, log_probs)
 
 
-def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None):
+SAMPLING = ("full", "topk", "topp")  # how `sample_search` draws each token
+
+
+def _sample(logits: jax.Array, keys: jax.Array, i, sampling: dict, kind: str, top_k: int) -> jax.Array:
+    """One token per row drawn from softmax(logits / temperature), cut to the top_k tokens ("topk") or to the
+    smallest set holding top_p of the probability ("topp"). keys [B] (one per row), folded with the step i,
+    so a row's draws depend on its key and its own logits only."""
+    x = logits / sampling["temperature"]
+    if kind == "topk":
+        x = jnp.where(x < jax.lax.top_k(x, top_k)[0][:, -1:], NEG_INF, x)
+    elif kind == "topp":
+        ordered = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        kept = (jnp.cumsum(probs, axis=-1) - probs) < sampling["top_p"]  # the most likely is always kept
+        x = jnp.where(x < jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True), NEG_INF, x)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+    return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+
+
+def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None,
+            sampling=None, kind: str | None = None, top_k: int = 0):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -218,8 +238,13 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
     logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                  jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
+    if sampling is not None:
+        keys = jax.random.wrap_key_data(sampling["keys"])
+        choose = lambda logits, i: _sample(logits, keys, i, sampling, kind, top_k)  # noqa: E731
+    else:
+        choose = lambda logits, i: _first_argmax(logits)  # noqa: E731
     logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
-    first = _first_argmax(logits)
+    first = choose(logits, 0)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
     done_at = jnp.where(done, 1, 0).astype(jnp.int32)
@@ -229,7 +254,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
         logits = _force_prefix(_force_eos(logits, i + 1 >= limits), _prefix_token(prefix, i, i + 1 >= limits))
-        token = jnp.where(done, PAD_ID, _first_argmax(logits))
+        token = jnp.where(done, PAD_ID, choose(logits, i))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         finished = done | (token == EOS_ID) | (i + 1 >= limits)
         done_at = jnp.where(finished & ~done, i + 1, done_at)
@@ -242,8 +267,10 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int):
-    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len))
+def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int, kind: str | None = None,
+                     top_k: int = 0):
+    return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len, kind=kind,
+                                     top_k=top_k))
 
 
 def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
@@ -257,6 +284,27 @@ def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_l
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, _prefix(prefix))["tokens"]
+
+
+def sample_search(model, params, src, keys, *, kind: str = "full", temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, max_len: int | None = None, max_extra_len: int = 50, prefix=None) -> jax.Array:
+    """Ancestral sampling of src [B,S] -> tokens [B,L], as greedy_search but each token drawn (see `_sample`):
+    kind "full", "topk" (top_k tokens) or "topp" (top_p of the mass), at `temperature`. keys: one PRNG key per
+    row ([B] typed keys or [B,2] key data); a row's sample depends on its key, not on the other rows."""
+    if kind not in SAMPLING:
+        raise ValueError(f"unknown sampling {kind!r}: choose one of {', '.join(SAMPLING)}")
+    if not temperature > 0 or (kind == "topk" and int(top_k) < 1) or (kind == "topp" and not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, "
+                         f"{top_k}, {top_p}")
+    cfg = _config(model)
+    src = jnp.asarray(src, jnp.int32)
+    keys = jnp.asarray(keys)
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+    buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
+    fn = _compiled_greedy(cfg, buffer_len, int(max_extra_len), kind, int(top_k) if kind == "topk" else 0)
+    sampling = {"keys": keys, "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p)}
+    return fn(_variables(params), src, _prefix(prefix), sampling)["tokens"]
 
 
 # ----------------------------------------------------------------------------- beam search

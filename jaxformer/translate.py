@@ -28,6 +28,7 @@ import logging
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxformer import parallel
@@ -69,17 +70,24 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
 
 def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], decode_cfg: Mapping | None = None, *,
                nbest: int = 1, with_scores: bool = False, prefixes: Sequence[Sequence[int]] | None = None,
+               sampling: str | None = None, temperature: float = 1.0, seed: int = 0, first_index: int = 0,
                **overrides) -> list[list[dict]]:
     """`translate_ids` with each sentence's `nbest` best hypotheses, best first (beam search; N <= beam size):
     [{"tokens": ids, "score": length-penalised log-prob, "log_prob": the sum of its token log-probs, EOS
     included}, ...]; an empty source gives []. Greedy search (beam size 1) gives one hypothesis, scored
     (teacher-forced, `score_ids`) when `with_scores`; without it greedy's "score"/"log_prob" are None.
     `prefixes` (ids, one per source, possibly empty): each output starts with its prefix, forced, and the
-    search goes on from there (cut to fit the output limit)."""
+    search goes on from there (cut to fit the output limit). `sampling` ("full", "topk:K" or "topp:P", at
+    `temperature`) draws `nbest` independent samples per sentence instead of searching; sentence n's sample
+    j comes from a key folded from (seed, first_index + n, j), so it does not depend on the batching."""
     from jaxformer import decode as decode_lib
 
     settings = decode_settings(decode_cfg, **overrides)
-    if not 1 <= int(nbest) <= int(settings["beam_size"]):
+    draw = None if sampling is None else {**dict(zip(("kind", "top_k", "top_p"), parse_sampling(sampling))),
+                                          "temperature": float(temperature)}
+    if draw is not None and int(nbest) < 1:
+        raise ValueError(f"nbest={nbest}: ask for at least one sample")
+    elif draw is None and not 1 <= int(nbest) <= int(settings["beam_size"]):
         raise ValueError(f"nbest={nbest} must be between 1 and the beam size ({settings['beam_size']})")
     if prefixes is not None and len(prefixes) != len(src_ids):
         raise ValueError(f"{len(prefixes)} prefixes for {len(src_ids)} sources: give one per source (empty for none)")
@@ -137,7 +145,8 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
     limit = 2 * devices  # the host prepares the next batches while the devices search
     if mode == "split":
         limit = min(limit, parallel.programs_in_flight(mesh) or limit)  # see parallel.CPU_PROGRAMS_IN_FLIGHT
-    for chunk, (search_params, place) in zip(chunks, places):
+    rounds = [(j, chunk, place) for j in range(int(nbest) if draw else 1) for chunk, place in zip(chunks, places)]
+    for j, chunk, (search_params, place) in rounds:  # sampling: one round per sample
         src_len = _bucket(max(len(sources[i]) for i in chunk) + 1, config.max_len)
         rows = _rows(len(chunk), batch_size)
         if isinstance(place, jax.sharding.Sharding):
@@ -151,22 +160,46 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
             prefix = np.full((rows, _bucket(max(len(prefixes[i]) for i in chunk), config.max_len)), PAD_ID, np.int32)
             for row, i in enumerate(chunk):
                 prefix[row, :len(prefixes[i])] = [int(t) for t in prefixes[i]][:prefix.shape[1]]
+        keys = None if draw is None else _sample_keys(seed, [first_index + i for i in chunk], rows, j)
         if place is not None:
-            src = jax.device_put(src, place)
-            prefix = None if prefix is None else jax.device_put(prefix, place)
-        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest), prefix)))
+            src, prefix, keys = (None if a is None else jax.device_put(a, place) for a in (src, prefix, keys))
+        in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest), prefix,
+                                         None if draw is None else {**draw, "keys": keys})))
         if len(in_flight) >= limit:
             finish(*in_flight.popleft())
     while in_flight:
         finish(*in_flight.popleft())
-    if with_scores and int(settings["beam_size"]) == 1:
-        done = [i for i, hyps in enumerate(outputs) if hyps]
-        scores = score_ids(model, params, [sources[i] for i in done], [outputs[i][0]["tokens"] for i in done],
+    unscored = [(i, hyp) for i, hyps in enumerate(outputs) for hyp in hyps if hyp["score"] is None]
+    if with_scores and unscored:  # greedy and samples: teacher-forced
+        scores = score_ids(model, params, [sources[i] for i, _ in unscored], [h["tokens"] for _, h in unscored],
                            settings)
-        for i, scored in zip(done, scores):
+        for (_, hyp), scored in zip(unscored, scores):
             if scored is not None:
-                outputs[i][0].update(score=scored["score"], log_prob=scored["log_prob"])
+                hyp.update(score=scored["score"], log_prob=scored["log_prob"])
     return outputs
+
+
+def parse_sampling(spec: str) -> tuple[str, int, float]:
+    """"full", "topk:K" or "topp:P" -> (kind, K, P); one line of error for anything else."""
+    kind, _, value = str(spec).partition(":")
+    try:
+        if kind == "full" and not value:
+            return "full", 0, 1.0
+        if kind == "topk" and int(value) >= 1:
+            return "topk", int(value), 1.0
+        if kind == "topp" and 0 < float(value) <= 1:
+            return "topp", 0, float(value)
+    except ValueError:
+        pass
+    raise ValueError(f"unknown sampling {spec!r}: use full, topk:K (K >= 1) or topp:P (0 < P <= 1)")
+
+
+def _sample_keys(seed: int, indices: list[int], rows: int, sample: int) -> np.ndarray:
+    """PRNG key data [rows, 2] of the sentences at `indices` (filler rows after them), for sample `sample`."""
+    base = jax.random.key(int(seed))
+    numbers = jnp.asarray(indices + [0] * (rows - len(indices)), jnp.uint32)
+    keys = jax.vmap(lambda n: jax.random.fold_in(jax.random.fold_in(base, n), sample))(numbers)
+    return np.asarray(jax.random.key_data(keys))
 
 
 def _parallel_mode(requested: str, mesh) -> str:
@@ -189,9 +222,14 @@ def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
     return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
 
 
-def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None) -> dict:
+def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None, draw=None) -> dict:
     """Dispatch one batch's search (greedy for beam_size 1): {"tokens" [rows, N, L], and from beam search
     "scores" and "log_probs" [rows, N]}, not yet ready."""
+    if draw is not None:
+        tokens = decode_lib.sample_search(model, params, src, draw["keys"], kind=draw["kind"], top_k=draw["top_k"],
+                                          top_p=draw["top_p"], temperature=draw["temperature"], prefix=prefix,
+                                          max_extra_len=int(settings["max_extra_len"]))
+        return {"tokens": tokens[:, None]}
     if int(settings["beam_size"]) == 1:
         tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]),
                                           prefix=prefix)
@@ -305,16 +343,22 @@ class Translator:
     def translate(self, sentences: str | Sequence[str], *, beam_size: int | None = None,
                   length_penalty: float | None = None, max_extra_len: int | None = None,
                   batch_size: int | None = None, stop: str | None = None, parallel: str | None = None,
-                  nbest: int | None = None, with_scores: bool = False, prefix: str | Sequence[str] | None = None):
+                  nbest: int | None = None, with_scores: bool = False, prefix: str | Sequence[str] | None = None,
+                  sampling: str | None = None, temperature: float = 1.0, seed: int = 0, first_index: int = 0):
         """Translations (one string in, one out), or with `nbest` / `with_scores` each sentence's hypotheses
-        as dicts (see `translate_texts`). `prefix`: the start of each translation (one per sentence)."""
+        as dicts (see `translate_texts`). `prefix`: the start of each translation (one per sentence).
+        `sampling` ("full", "topk:K", "topp:P"): `nbest` samples at `temperature` instead of the search,
+        reproducible by `seed` whatever the batching (`first_index`: the first sentence's index, for a file
+        translated in parts)."""
         single = isinstance(sentences, str)
         if prefix is not None and single:
             prefix = [prefix]
         out = translate_texts(self.model, self.params, self.tokenizer, [sentences] if single else sentences,
                               self.decode, nbest=nbest, with_scores=with_scores, prefixes=prefix, beam_size=beam_size,
                               length_penalty=length_penalty, max_extra_len=max_extra_len, batch_size=batch_size,
-                              stop=stop, parallel=parallel)
+                              stop=stop, parallel=parallel,
+                              **({} if sampling is None else {"sampling": sampling, "temperature": temperature,
+                                                              "seed": seed, "first_index": first_index}))
         return out[0] if single else out
 
     def score(self, sources: Sequence[str], targets: Sequence[str], *, length_penalty: float | None = None,
