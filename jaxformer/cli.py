@@ -62,7 +62,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                         "has beam-size finished hypotheses (finished: CTranslate2's and fairseq's rule)")
     g.add_argument("--parallel", choices=DECODE_PARALLEL, default=None,
                    help="several local devices: split each batch over them, or give each device its own "
-                        "batches (auto: batches on CPU cores, split on accelerators)")
+                        "batches (auto: batches on CPU cores given 4 or more each, else split)")
 
 
 def _decode_overrides(args) -> dict:

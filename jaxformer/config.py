@@ -127,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     #                                 or once it has beam_size finished hypotheses ("finished": fairseq, CTranslate2)
     dc.parallel = "auto"            # several local devices: "split" each batch over them (one search in lockstep),
     #                                 "batches" (each device its own batches, no per-step collective), "auto":
-    #                                 batches on CPU devices, split on accelerators
+    #                                 batches on CPU devices given 4+ batches each, else split
     return c
 
 

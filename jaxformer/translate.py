@@ -114,7 +114,7 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
     batch_size = int(settings["batch_size"])
     chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     mesh = parallel.local_mesh()
-    mode = _parallel_mode(settings["parallel"], mesh)
+    mode = _parallel_mode(settings["parallel"], mesh, len(chunks) * (int(nbest) if draw else 1))
     devices = 1 if mesh is None else mesh.devices.size
     if mode == "split" and len(todo) >= devices:
         # A batch with a sentence for each device is split over them: one search, each device its rows.
@@ -202,12 +202,18 @@ def _sample_keys(seed: int, indices: list[int], rows: int, sample: int) -> np.nd
     return np.asarray(jax.random.key_data(keys))
 
 
-def _parallel_mode(requested: str, mesh) -> str:
-    """"one" (a single device), "split" or "batches" for `decode.parallel` on this process's devices."""
+BATCHES_PER_DEVICE = 4  # decode.parallel=auto gives CPU devices their own batches from this many each
+
+
+def _parallel_mode(requested: str, mesh, batches: int = 0) -> str:
+    """"one" (a single device), "split" or "batches" for `decode.parallel` on this process's devices. "auto"
+    gives CPU devices their own batches when each gets BATCHES_PER_DEVICE or more: every device compiles the
+    search for itself, so a few batches go faster split over the devices (one compiled program)."""
     if mesh is None:
         return "one"
     if requested == "auto":
-        return "batches" if all(d.platform == "cpu" for d in mesh.devices.flat) else "split"
+        cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+        return "batches" if cpu and batches >= BATCHES_PER_DEVICE * mesh.devices.size else "split"
     return requested
 
 

@@ -179,6 +179,10 @@ def test_balanced_batches_give_every_device_as_many_batches_and_keep_every_sente
     assert translate_lib._balanced(chunks, 3) == chunks  # already a multiple of the devices
     assert translate_lib._balanced([[0, 1], [2]], 4) == [[0, 1], [2]]  # too few sentences to cut
     assert translate_lib._parallel_mode("auto", None) == "one"
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # conftest's 4 CPU devices
+    assert translate_lib._parallel_mode("auto", mesh, 16) == "batches"  # 4 a device: each compiles its own
+    assert translate_lib._parallel_mode("auto", mesh, 15) == "split"  # fewer: one program, split
+    assert translate_lib._parallel_mode("split", mesh, 100) == "split"
 
 
 def test_translate_empty_inputs_without_running_the_model(bundle, monkeypatch):
