@@ -10,6 +10,7 @@ For each model of ../shared/models (multi30k_tok on the 1,000 tokenized test2016
   jaxformer parallel=split   with --devices N > 1: each batch split over the devices (our default on CPU
                              devices, `decode.parallel=auto`, gives each device its own batches)
   jaxformer@REV              with --compare: the same call on commit REV's package (`at_commit.package_at`)
+  jaxformer nbest=K / sampling=...   with --features: n-best lists beside beam K, sampling beside greedy
   ctranslate2 float32 iN/tM  the `jaxformer export --format ctranslate2` model, intra_threads N / inter_threads M
                              (both splits of --threads, every core by default; the best is x_ct2_best's 1.0)
 Each engine translates the set once untimed, then --passes timed passes, engine after engine within a pass.
@@ -88,6 +89,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CTranslate2's threads, split both ways (default: every core)")
     parser.add_argument("--no-ct2", action="store_true", help="skip CTranslate2")
+    parser.add_argument("--features", action="store_true",
+                        help="also n-best (nbest=4 with scores) beside beam, and sampling beside greedy")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
@@ -126,6 +129,11 @@ def main(argv=None):
             engines = {"jaxformer": go()}
             if beam > 1:
                 engines["jaxformer stop=finished"] = go(stop="finished")
+            if args.features and beam > 1:  # the same search keeping beam-size hypotheses, with their scores
+                engines[f"jaxformer nbest={beam}"] = go(nbest=beam, with_scores=True)
+            if args.features and beam == 1:  # sampling is greedy's loop with a draw
+                engines["jaxformer sampling=full"] = go(sampling="full", seed=1)
+                engines["jaxformer sampling=topk:10"] = go(sampling="topk:10", seed=1)
             if args.devices > 1:  # our default on CPU devices is a batch per device; beside it, each batch split
                 engines["jaxformer parallel=split"] = go(parallel="split")
             if old_translator is not None:
@@ -143,6 +151,8 @@ def main(argv=None):
             speed = {e: len(sentences) / statistics.median(s) for e, s in seconds.items()}
             ct2_best = max((v for e, v in speed.items() if e.startswith("ctranslate2")), default=None)
             for engine, texts in outputs.items():
+                if texts and isinstance(texts[0], list):  # n-best: the best of each list
+                    texts = [hyps[0]["text"] if hyps else "" for hyps in texts]
                 runs = sorted(len(sentences) / t for t in seconds[engine])
                 computed, needed = steps.get(engine, (None, None))
                 rows.append({"model": name, "search": search, "engine": engine, "sentences": len(sentences),
