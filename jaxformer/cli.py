@@ -179,8 +179,7 @@ def _cmd_translate(args) -> int:
 
     translator = load(args.model, step=args.step, average_last=args.average_last)
     overrides = _decode_overrides(args)
-    chunk_size = 32 * int(args.batch_size or translator.decode["batch_size"])  # sorted by length within a chunk
-    scored = args.nbest is not None or args.format == "jsonl"
+    batch_size = int(args.batch_size or translator.decode["batch_size"])
     if args.sampling is not None:
         from jaxformer.translate import parse_sampling
         parse_sampling(args.sampling)  # a bad spec: one line before any work
@@ -188,28 +187,25 @@ def _cmd_translate(args) -> int:
     elif args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
         raise ValueError(f"--nbest {args.nbest} is larger than the beam size "
                          f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
+    stream = _stream_fd(sys.stdin) if args.input == "-" else None
+    total = None if args.input == "-" else _count_lines(args.input)
     prefixes = None
     if args.prefix is not None:
         with open(args.prefix, encoding="utf-8") as f:
             prefixes = [line.rstrip("\r\n") for line in f]
+        if total is not None and total != len(prefixes):
+            raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but {args.input} has {total}: "
+                             f"give one prefix per input line (an empty line for none)")
     count = 0
     with contextlib.ExitStack() as stack:
         to_stdout = args.output in (None, "-")
         sink = sys.stdout if to_stdout else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        total, stream = None, _stream_fd(sys.stdin) if args.input == "-" else None
         if stream is not None:  # a terminal or a pipe: each line answered as soon as it is read
-            batches = _lines_as_they_come(stream, chunk_size)
-        else:  # a file: large chunks, sorted by length within each, and a progress bar
+            batches = _lines_as_they_come(stream, 32 * batch_size)
+        else:  # a file: large chunks (sorted by length within each), and a progress bar
             source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
-            if args.input != "-":
-                with open(args.input, "rb") as f:
-                    total = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-            batches = _chunks(source, chunk_size)
-        if prefixes is not None and total is not None and total != len(prefixes):
-            raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but {args.input} has {total}: "
-                             f"give one prefix per input line (an empty line for none)")
-        progress = stack.enter_context(_progress(total, int(args.batch_size or translator.decode["batch_size"]),
-                                                 args.quiet))
+            batches = _chunks(source, 32 * batch_size)
+        progress = stack.enter_context(_progress(total, batch_size, args.quiet))
         for lines in batches:  # translations appear batch by batch, in input order
             if args.sampling is not None:
                 overrides["first_index"] = count  # samples as in one call, whatever the chunks
@@ -217,21 +213,7 @@ def _cmd_translate(args) -> int:
                 if count + len(lines) > len(prefixes):
                     raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines, fewer than the input")
                 overrides["prefix"] = prefixes[count:count + len(lines)]
-            if scored:
-                found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
-                if args.alignments:
-                    pairs = [(line, hyp) for line, hyps in zip(lines, found) for hyp in hyps]
-                    aligned = translator.align([line for line, _ in pairs], [hyp["text"] for _, hyp in pairs],
-                                               layer=args.alignment_layer)
-                    for (_, hyp), alignment in zip(pairs, aligned):
-                        hyp["alignment"] = alignment
-                sink.write(_hypotheses_lines(lines, found, count, args.format))
-            else:
-                outputs = [o.replace("\n", " ") for o in translator.translate(lines, **overrides)]
-                if args.alignments:
-                    outputs = [f"{o} ||| {_pairs(a)}" for o, a in
-                               zip(outputs, translator.align(lines, outputs, layer=args.alignment_layer))]
-                sink.write("".join(o + "\n" for o in outputs))
+            sink.write(_translated_lines(translator, lines, args, overrides, count))
             sink.flush()
             count += len(lines)
             progress.update(len(lines))
@@ -240,6 +222,30 @@ def _cmd_translate(args) -> int:
     if not to_stdout:
         log.info("wrote %d translations to %s", count, args.output)
     return 0
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _translated_lines(translator, lines: list[str], args, overrides: dict, first: int) -> str:
+    """The output of `jaxformer translate` for these input lines (the first has index `first`): one
+    translation per line, or n-best / jsonl hypotheses, with alignments if asked."""
+    if args.nbest is None and args.format == "text":
+        outputs = [o.replace("\n", " ") for o in translator.translate(lines, **overrides)]
+        if args.alignments:
+            outputs = [f"{o} ||| {_pairs(a)}" for o, a in
+                       zip(outputs, translator.align(lines, outputs, layer=args.alignment_layer))]
+        return "".join(o + "\n" for o in outputs)
+    found = translator.translate(lines, nbest=args.nbest, with_scores=True, **overrides)
+    if args.alignments:
+        pairs = [(line, hyp) for line, hyps in zip(lines, found) for hyp in hyps]
+        aligned = translator.align([line for line, _ in pairs], [hyp["text"] for _, hyp in pairs],
+                                   layer=args.alignment_layer)
+        for (_, hyp), alignment in zip(pairs, aligned):
+            hyp["alignment"] = alignment
+    return _hypotheses_lines(lines, found, first, args.format)
 
 
 def _read_pairs(src: str, tgt: str) -> tuple[list[str], list[str]]:

@@ -56,7 +56,10 @@ def test_translate_with_prefixes_and_the_cli_prefix_file(number_words, tmp_path,
                      str(prefix_file), "--beam-size", "1", "--parallel", "split"]) == 0
     assert capsys.readouterr().out.splitlines() == forced
     prefix_file.write_text("".join(p + "\n" for p in starts[:-1]), encoding="utf-8")
+    kept = tmp_path / "kept.de"
+    kept.write_text("an earlier output\n", encoding="utf-8")
     assert cli.main(["translate", "--model", str(number_words.source), "--input", str(src), "--prefix",
-                     str(prefix_file)]) == 1
+                     str(prefix_file), "--output", str(kept)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --prefix") and "has 5 lines but" in err and "\n" not in err
+    assert kept.read_text(encoding="utf-8") == "an earlier output\n"  # refused before the output is opened
