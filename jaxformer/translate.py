@@ -314,8 +314,7 @@ def translate_texts(model: Transformer, params, tokenizer, sentences: Sequence[s
             raise ValueError(f"give one prefix per sentence ({len(sentences)}), possibly empty")
         overrides["prefixes"] = tokenizer.encode(list(prefixes))
     if nbest is None and not with_scores:
-        out_ids = [hyps[0]["tokens"] if hyps else [] for hyps in search_ids(model, params, ids, decode_cfg,
-                                                                           **overrides)]
+        out_ids = translate_ids(model, params, ids, decode_cfg, **overrides)
         texts = tokenizer.decode(out_ids) if out_ids else []
         return ["" if b else t for t, b in zip(texts, blank)]
     found = search_ids(model, params, ids, decode_cfg, nbest=nbest or 1, with_scores=True, **overrides)
