@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import grammar as grammar_lib
 from jaxformer.config import STOP_RULES
 from jaxformer.decode_cache import beam_search_cache, grow_cache, reorder_beams
 from jaxformer.model import Transformer, TransformerConfig
@@ -199,6 +200,19 @@ def _prefix_token(prefix: jax.Array | None, i, at_limit: jax.Array) -> tuple[jax
     return wanted, (i < prefix.shape[1]) & (wanted != PAD_ID) & ~at_limit
 
 
+def _constrain(scores: jax.Array, grammar, state, room) -> jax.Array:
+    """Scores [..., V] with the tokens the grammar forbids in each hypothesis (state [...]) at NEG_INF
+    (`jaxformer.grammar`; room: the tokens that may follow within the length limit). Without a grammar, the
+    scores as they are."""
+    if grammar is None:
+        return scores
+    return jnp.where(grammar_lib.allowed(state, grammar["kinds"], room), scores, NEG_INF)
+
+
+def _advance(grammar, state, token):
+    return None if grammar is None else grammar_lib.advance(state, token, grammar["kinds"])
+
+
 def _force_prefix(log_probs: jax.Array, forced) -> jax.Array:
     """Where a prefix token is forced (`_prefix_token`), only it can follow, at its own log-prob's cost.
     log_probs [B,V] or [B,K,V]."""
@@ -228,7 +242,7 @@ def _sample(logits: jax.Array, keys: jax.Array, i, sampling: dict, kind: str, to
 
 
 def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None,
-            sampling=None, kind: str | None = None, top_k: int = 0):
+            sampling=None, grammar=None, kind: str | None = None, top_k: int = 0):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -243,26 +257,30 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         choose = lambda logits, i: _sample(logits, keys, i, sampling, kind, top_k)  # noqa: E731
     else:
         choose = lambda logits, i: _first_argmax(logits)  # noqa: E731
+    constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
+    logits = _constrain(logits, grammar, constraint, limits - 1)
     logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
     first = choose(logits, 0)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
     done_at = jnp.where(done, 1, 0).astype(jnp.int32)
+    constraint = _advance(grammar, constraint, first)
 
     def body(state):
-        i, tokens, done, done_at, cache = state
+        i, tokens, done, done_at, constraint, cache = state
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
+        logits = _constrain(logits, grammar, constraint, limits - i - 1)
         logits = _force_prefix(_force_eos(logits, i + 1 >= limits), _prefix_token(prefix, i, i + 1 >= limits))
         token = jnp.where(done, PAD_ID, choose(logits, i))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         finished = done | (token == EOS_ID) | (i + 1 >= limits)
         done_at = jnp.where(finished & ~done, i + 1, done_at)
-        return i + 1, tokens, finished, done_at, cache
+        return i + 1, tokens, finished, done_at, _advance(grammar, constraint, token), cache
 
-    state = _segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, cache), body,
+    state = _segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, cache), body,
                             lambda state: jnp.all(state[2]))
-    i, tokens, _, done_at = state
+    i, tokens, _, done_at, _ = state
     return {"tokens": tokens, "steps": i, "done_at": done_at}
 
 
@@ -274,20 +292,22 @@ def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: 
 
 
 def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
-                  prefix=None) -> jax.Array:
+                  prefix=None, grammar=None) -> jax.Array:
     """Greedy decoding of src [B,S] -> tokens int32 [B,L] (no BOS; EOS, then PAD).
 
     `max_len` caps the output length (EOS included) below the model's own max_len. At a row's limit EOS is
-    forced.
+    forced. `grammar` ({"kinds": [V], "words": [B]}, see `jaxformer.grammar`) keeps each output a tree.
     """
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, _prefix(prefix))["tokens"]
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, _prefix(prefix), None,
+                                                                 _grammar(grammar))["tokens"]
 
 
 def sample_search(model, params, src, keys, *, kind: str = "full", temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, max_len: int | None = None, max_extra_len: int = 50, prefix=None) -> jax.Array:
+                  top_p: float = 1.0, max_len: int | None = None, max_extra_len: int = 50, prefix=None,
+                  grammar=None) -> jax.Array:
     """Ancestral sampling of src [B,S] -> tokens [B,L], as greedy_search but each token drawn (see `_sample`):
     kind "full", "topk" (top_k tokens) or "topp" (top_p of the mass), at `temperature`. keys: one PRNG key per
     row ([B] typed keys or [B,2] key data); a row's sample depends on its key, not on the other rows."""
@@ -304,7 +324,7 @@ def sample_search(model, params, src, keys, *, kind: str = "full", temperature: 
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = _compiled_greedy(cfg, buffer_len, int(max_extra_len), kind, int(top_k) if kind == "topk" else 0)
     sampling = {"keys": keys, "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p)}
-    return fn(_variables(params), src, _prefix(prefix), sampling)["tokens"]
+    return fn(_variables(params), src, _prefix(prefix), sampling, _grammar(grammar))["tokens"]
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -330,12 +350,14 @@ def block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
-    """x [B, K_in, ...], indices [B, K_out] -> [B, K_out, ...]."""
+    """x [B, K_in, ...], indices [B, K_out] -> [B, K_out, ...]; a dict of such arrays gathers each."""
+    if isinstance(x, Mapping):
+        return {name: _gather_beams(a, indices) for name, a in x.items()}
     return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
-          prefix=None, stop: str = "bound", nbest: int = 1):
+          prefix=None, grammar=None, stop: str = "bound", nbest: int = 1):
     cfg = model.config
     batch, src_len = src.shape
     k, n = beam_size, nbest
@@ -355,9 +377,10 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
 
     def select(i, log_probs, search):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
-        live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, done, done_at = search
+        live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, done, done_at, constraint = search
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
+        log_probs = _constrain(log_probs, grammar, constraint, (limits - i - 1)[:, None])
         log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
         log_probs = _force_prefix(log_probs, _prefix_token(prefix, i, at_limit[:, 0]))
         candidates = (live_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
@@ -381,6 +404,8 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         live_candidates = jnp.where(is_eos | at_limit | ~valid, NEG_INF, top_scores)
         live_scores, keep = jax.lax.top_k(live_candidates, k)  # [B,K]
         live_seqs = _gather_beams(seqs, keep)
+        if grammar is not None:
+            constraint = _gather_beams(_advance(grammar, _gather_beams(constraint, origin), token), keep)
         origin = jnp.take_along_axis(origin, keep, axis=1)
         if stop == "bound":
             # A live beam's score can only fall as it grows, and its final score is at most its log-prob over
@@ -393,7 +418,8 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
             finished = fin_count >= k
         now_done = done | (i + 1 >= limits) | finished | (live_scores[:, 0] <= NEG_INF / 2)
         done_at = jnp.where(now_done & ~done, i + 1, done_at)
-        return (live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, now_done, done_at), origin
+        return (live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, now_done, done_at,
+                constraint), origin
 
     search = (jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32),  # live_seqs
               jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1)),  # one live beam
@@ -402,7 +428,9 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
               jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_log_probs
               jnp.zeros((batch,), jnp.int32),  # fin_count
               jnp.zeros((batch,), bool),  # done
-              jnp.zeros((batch,), jnp.int32))  # done_at
+              jnp.zeros((batch,), jnp.int32),  # done_at
+              None if grammar is None else grammar_lib.initial_state(
+                  jnp.broadcast_to(jnp.asarray(grammar["words"])[:, None], (batch, k))))  # the grammar's state
     search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab)), search)
     cache = reorder_beams(cache, origin)
 
@@ -425,6 +453,13 @@ def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, m
                                      stop=stop, nbest=nbest))
 
 
+def _grammar(grammar):
+    """A grammar as {"kinds": int32 [V], "words": int32 [B]} (`jaxformer.grammar`), or None."""
+    if grammar is None:
+        return None
+    return {"kinds": jnp.asarray(grammar["kinds"], jnp.int32), "words": jnp.asarray(grammar["words"], jnp.int32)}
+
+
 def _prefix(prefix):
     """Target prefixes as int32 [B,P] (P >= 1), or None."""
     if prefix is None:
@@ -436,7 +471,8 @@ def _prefix(prefix):
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
-                max_len: int | None = None, stop: str = "bound", prefix=None) -> tuple[jax.Array, jax.Array]:
+                max_len: int | None = None, stop: str = "bound", prefix=None,
+                grammar=None) -> tuple[jax.Array, jax.Array]:
     """Beam search of src [B,S] -> (tokens int32 [B,L], scores float32 [B]): each row's best hypothesis.
 
     The score is the length-penalised log-prob (see module doc). With beam_size=1 and alpha=0 this is
@@ -447,13 +483,13 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, m
     row's length limit EOS is forced and its log-prob counted (fairseq).
     """
     out = beam_search_nbest(model, params, src, 1, beam_size=beam_size, alpha=alpha, max_extra_len=max_extra_len,
-                            max_len=max_len, stop=stop, prefix=prefix)
+                            max_len=max_len, stop=stop, prefix=prefix, grammar=grammar)
     return out["tokens"][:, 0], out["scores"][:, 0]
 
 
 def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alpha: float = 0.6,
                       max_extra_len: int = 50, max_len: int | None = None, stop: str = "bound",
-                      prefix=None) -> dict:
+                      prefix=None, grammar=None) -> dict:
     """`beam_search`'s N best finished hypotheses of each row, best first: {"tokens" [B,N,L], "scores" [B,N]
     (length-penalised), "log_probs" [B,N] (their sums of token log-probs, EOS included), ...}. N <= the beam
     size; with stop="bound" a row ends once no live beam can beat its N-th best. A row with fewer than N
@@ -469,7 +505,7 @@ def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alp
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
-    return fn(_variables(params), src, jnp.float32(alpha), _prefix(prefix))
+    return fn(_variables(params), src, jnp.float32(alpha), _prefix(prefix), _grammar(grammar))
 
 
 # ----------------------------------------------------------------------------- scoring
