@@ -226,18 +226,21 @@ SAMPLING = ("full", "topk", "topp")  # how `sample_search` draws each token
 
 
 def _sample(logits: jax.Array, keys: jax.Array, i, sampling: dict, kind: str, top_k: int) -> jax.Array:
-    """One token per row drawn from softmax(logits / temperature), cut to the top_k tokens ("topk") or to the
-    smallest set holding top_p of the probability ("topp"). keys [B] (one per row), folded with the step i,
-    so a row's draws depend on its key and its own logits only."""
+    """One token per row drawn from softmax(logits / temperature), cut to the top_k tokens ("topk": exactly k,
+    ties to the lowest index as `jax.lax.top_k`) or to the smallest set holding top_p of the probability
+    ("topp"). keys [B] (one per row), folded with the step i, so a row's draws depend on its key and its own
+    logits only."""
     x = logits / sampling["temperature"]
-    if kind == "topk":
-        x = jnp.where(x < jax.lax.top_k(x, top_k)[0][:, -1:], NEG_INF, x)
-    elif kind == "topp":
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+    if kind == "topk":  # a draw among the k best alone: noise for k entries, not the whole vocabulary
+        best, index = block_top_k(x, min(top_k, x.shape[-1]))
+        choice = jax.vmap(jax.random.categorical)(step_keys, best)
+        return jnp.take_along_axis(index, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+    if kind == "topp":
         ordered = -jnp.sort(-x, axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
         kept = (jnp.cumsum(probs, axis=-1) - probs) < sampling["top_p"]  # the most likely is always kept
         x = jnp.where(x < jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True), NEG_INF, x)
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
     return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
 
 
