@@ -5,7 +5,7 @@ output (which computes and caches every layer's cross-attention keys/values,
 once per sentence), and then feed one token per step with `encoded=None`, so
 later steps read those keys/values from the cache. The loop is a
 `jax.lax.while_loop` that stops as soon as every row is done, in segments
-(`search_segments`): steps before position 16 attend over a 16-position
+(`decode_cache.search_segments`): steps before position 16 attend over a 16-position
 self-attention cache, then 32, ..., then the whole buffer, and a search that is
 done never makes the larger caches. Each search also returns its step count and
 each row's `done_at` step (the row-steps it needed).
@@ -49,7 +49,6 @@ caches per input shape, so callers should pad batches to a few bucket shapes
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping
 
 import jax
@@ -58,8 +57,9 @@ import numpy as np
 
 from jaxformer import grammar as grammar_lib
 from jaxformer.config import STOP_RULES
-from jaxformer.decode_cache import beam_search_cache, grow_cache, reorder_beams
+from jaxformer.decode_cache import beam_search_cache, reorder_beams, search_segments, segmented_loop
 from jaxformer.model import Transformer, TransformerConfig
+from jaxformer.ops import block_top_k, first_argmax
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
@@ -68,7 +68,6 @@ __all__ = ["length_penalty", "greedy_search", "sample_search", "beam_search", "b
            "decode_buffer_len", "init_cache", "NEG_INF"]
 
 NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
-FIRST_SEGMENT = 16  # the first cache length of a search (see `search_segments`)
 
 
 def length_penalty(length, alpha):
@@ -116,14 +115,6 @@ def _masked_logits(logits: jax.Array) -> jax.Array:
     return jnp.where(never, jnp.float32(NEG_INF), logits)  # one fused pass, same values as `.at[].set`
 
 
-def _first_argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first index of the maximum, as int32) for finite x, as a max
-    and a min: XLA's CPU argmax (a variadic reduce) took 3.7x as long on [64, 8000] logits on a
-    2-core x86 machine."""
-    best = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(x == best, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
-
-
 def _log_probs(logits: jax.Array) -> jax.Array:
     """Log-softmax over the vocabulary with PAD and BOS excluded."""
     return jax.nn.log_softmax(_masked_logits(logits), axis=-1)
@@ -157,32 +148,6 @@ def _encode(model, variables, src):
 
 
 # ----------------------------------------------------------------------------- greedy
-
-def search_segments(buffer_len: int) -> tuple[int, ...]:
-    """The cache lengths a search grows through: FIRST_SEGMENT, doubling, then the buffer length L (a last
-    doubling within 1.5x of L is merged into it). Steps before position T attend over a T-position cache,
-    not the whole L-position buffer; each segment is one `while_loop` of the same compiled step."""
-    bounds, length = [], FIRST_SEGMENT
-    while length < buffer_len:
-        bounds.append(length)
-        length *= 2
-    if bounds and buffer_len < 1.5 * bounds[-1]:
-        bounds.pop()
-    return tuple(bounds) + (int(buffer_len),)
-
-
-def _segmented_loop(segments, state, body, all_done):
-    """Run `body` over state = (i, ..., cache) while i < the segment's end and not `all_done(state)`, segment
-    by segment, the cache grown between segments; a search that is done skips the later segments (their
-    larger caches are never made). Returns the state without the cache."""
-    def run(n, state):
-        state = jax.lax.while_loop(lambda s: (s[0] < segments[n]) & ~all_done(s), body, state)
-        if n + 1 == len(segments):
-            return state[:-1]
-        grown = lambda s: run(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),))  # noqa: E731
-        return jax.lax.cond(all_done(state), lambda s: s[:-1], grown, state)
-    return run(0, state)
-
 
 def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
     """Where `at_limit` ([N] or broadcastable to log_probs[..., 0]), only EOS can follow: every other token's
@@ -259,7 +224,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         keys = jax.random.wrap_key_data(sampling["keys"])
         choose = lambda logits, i: _sample(logits, keys, i, sampling, kind, top_k)  # noqa: E731
     else:
-        choose = lambda logits, i: _first_argmax(logits)  # noqa: E731
+        choose = lambda logits, i: first_argmax(logits)  # noqa: E731
     constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
     logits = _constrain(logits, grammar, constraint, limits - 1)
     logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
@@ -281,7 +246,7 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         done_at = jnp.where(finished & ~done, i + 1, done_at)
         return i + 1, tokens, finished, done_at, _advance(grammar, constraint, token), cache
 
-    state = _segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, cache), body,
+    state = segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, cache), body,
                             lambda state: jnp.all(state[2]))
     i, tokens, _, done_at, _ = state
     return {"tokens": tokens, "steps": i, "done_at": done_at}
@@ -331,26 +296,6 @@ def sample_search(model, params, src, keys, *, kind: str = "full", temperature: 
 
 
 # ----------------------------------------------------------------------------- beam search
-
-def block_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k(x, k)` over the last axis of x [B, N], the same values and indices (ties to the lowest
-    index), through the maxima of blocks of about sqrt(N / k) entries: the k best blocks by (maximum, lowest
-    block) hold the k best entries, since each of them has an entry that ranks above anything of a block left
-    out. XLA's CPU TopK over the K*V beam candidates cost ~18x a max over them; this is a max, a small top-k
-    and a top-k over k blocks. Small arrays go to `jax.lax.top_k` directly."""
-    batch, n = x.shape
-    block = 1 << max(4, math.isqrt(max(1, n // k)).bit_length() - 1)  # a power of two, at least 16
-    blocks = -(-n // block)
-    if blocks <= 2 * k:
-        return jax.lax.top_k(x, k)
-    padded = jnp.pad(x, [(0, 0), (0, blocks * block - n)], constant_values=-jnp.inf).reshape(batch, blocks, block)
-    _, chosen = jax.lax.top_k(jnp.max(padded, axis=-1), k)  # [B, k]
-    chosen = jnp.sort(chosen, axis=-1)  # in index order, so ties still go to the lowest index
-    candidates = jnp.take_along_axis(padded, chosen[:, :, None], axis=1).reshape(batch, k * block)
-    values, within = jax.lax.top_k(candidates, k)
-    index = jnp.take_along_axis(chosen, within // block, axis=1) * block + within % block
-    return values, index.astype(jnp.int32)
-
 
 def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     """x [B, K_in, ...], indices [B, K_out] -> [B, K_out, ...]; a dict of such arrays gathers each."""
@@ -444,7 +389,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         search, origin = select(i, log_probs.reshape(batch, k, vocab), search)
         return i + 1, search, reorder_beams(cache, origin)
 
-    i, search = _segmented_loop(segments, (jnp.int32(1), search, cache), body,
+    i, search = segmented_loop(segments, (jnp.int32(1), search, cache), body,
                                 lambda state: jnp.all(state[1][6]))
     return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7]}
 

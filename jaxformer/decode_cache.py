@@ -13,6 +13,8 @@ and how beams share it, is decided here, so no layer of the model knows about be
   never moved; a small [B,K,L] index `beam_slots` says which slot holds each earlier position of each
   beam, and is all that follows the beams when they are reordered (`reorder_beams`). Copying the whole
   cache by beam origin each step cost more than the step's attention.
+* The self-attention cache grows with the search (`search_segments`, `segmented_loop`): 16 positions, then
+  32, ..., then the output buffer, so early steps attend over the positions reached, not the whole buffer.
 """
 
 from __future__ import annotations
@@ -167,3 +169,34 @@ def reorder_beams(cache, origin: jax.Array):
             return jnp.take_along_axis(x, origin[:, :, None], axis=1)
         return x
     return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+# ----------------------------------------------------------------------------- the cache grows with the search
+
+FIRST_SEGMENT = 16  # the first cache length of a search (see `search_segments`)
+
+
+def search_segments(buffer_len: int) -> tuple[int, ...]:
+    """The cache lengths a search grows through: FIRST_SEGMENT, doubling, then the buffer length L (a last
+    doubling within 1.5x of L is merged into it). Steps before position T attend over a T-position cache,
+    not the whole L-position buffer; each segment is one `while_loop` of the same compiled step."""
+    bounds, length = [], FIRST_SEGMENT
+    while length < buffer_len:
+        bounds.append(length)
+        length *= 2
+    if bounds and buffer_len < 1.5 * bounds[-1]:
+        bounds.pop()
+    return tuple(bounds) + (int(buffer_len),)
+
+
+def segmented_loop(segments, state, body, all_done):
+    """Run `body` over state = (i, ..., cache) while i < the segment's end and not `all_done(state)`, segment
+    by segment, the cache grown between segments; a search that is done skips the later segments (their
+    larger caches are never made). Returns the state without the cache."""
+    def run(n, state):
+        state = jax.lax.while_loop(lambda s: (s[0] < segments[n]) & ~all_done(s), body, state)
+        if n + 1 == len(segments):
+            return state[:-1]
+        grown = lambda s: run(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),))  # noqa: E731
+        return jax.lax.cond(all_done(state), lambda s: s[:-1], grown, state)
+    return run(0, state)

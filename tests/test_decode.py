@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jaxformer import decode
+from jaxformer import decode, decode_cache, ops
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from jaxformer.decode import beam_search, greedy_search, length_penalty, score_sequences
 from jaxformer.decode import init_cache
@@ -309,17 +309,17 @@ def test_block_top_k_equals_lax_top_k_with_its_ties(n, k):
     x[2, -3:] = 1.0  # the best entries in the last, partial block
     x[3, :5] = 1.0  # the best tie across one block and the next
     x[4] = 0.0  # every entry ties
-    values, index = jax.jit(decode.block_top_k, static_argnums=1)(jnp.asarray(x), k)
+    values, index = jax.jit(ops.block_top_k, static_argnums=1)(jnp.asarray(x), k)
     expected_values, expected_index = jax.lax.top_k(jnp.asarray(x), k)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(index, expected_index)
 
 
 def test_search_segments_double_then_end_at_the_buffer():
-    assert decode.search_segments(10) == (10,)
-    assert decode.search_segments(39) == (16, 39)  # 32 would leave a last segment of 7: merged
-    assert decode.search_segments(50) == (16, 32, 50)
-    assert decode.search_segments(256) == (16, 32, 64, 128, 256)
+    assert decode_cache.search_segments(10) == (10,)
+    assert decode_cache.search_segments(39) == (16, 39)  # 32 would leave a last segment of 7: merged
+    assert decode_cache.search_segments(50) == (16, 32, 50)
+    assert decode_cache.search_segments(256) == (16, 32, 64, 128, 256)
 
 
 def test_searches_through_several_cache_segments_equal_a_full_decoder(random_model):
@@ -461,7 +461,7 @@ def test_greedy_argmax_takes_the_first_of_tied_maxima_like_numpy():
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 3, (50, 17)).astype(np.float32)  # many ties
     x[0] = 1.0  # every entry tied
-    np.testing.assert_array_equal(np.asarray(decode._first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(ops.first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_beam_steps_share_cross_attention_and_reorder_only_slot_indices(random_model):
