@@ -71,7 +71,7 @@ def translate_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], 
 def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], decode_cfg: Mapping | None = None, *,
                nbest: int = 1, with_scores: bool = False, prefixes: Sequence[Sequence[int]] | None = None,
                sampling: str | None = None, temperature: float = 1.0, seed: int = 0, first_index: int = 0,
-               **overrides) -> list[list[dict]]:
+               grammar=None, **overrides) -> list[list[dict]]:
     """`translate_ids` with each sentence's `nbest` best hypotheses, best first (beam search; N <= beam size):
     [{"tokens": ids, "score": length-penalised log-prob, "log_prob": the sum of its token log-probs, EOS
     included}, ...]; an empty source gives []. Greedy search (beam size 1) gives one hypothesis, scored
@@ -79,7 +79,9 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
     `prefixes` (ids, one per source, possibly empty): each output starts with its prefix, forced, and the
     search goes on from there (cut to fit the output limit). `sampling` ("full", "topk:K" or "topp:P", at
     `temperature`) draws `nbest` independent samples per sentence instead of searching; sentence n's sample
-    j comes from a key folded from (seed, first_index + n, j), so it does not depend on the batching."""
+    j comes from a key folded from (seed, first_index + n, j), so it does not depend on the batching.
+    `grammar` ([V] token kinds, `jaxformer.grammar.kinds_table`) keeps every output a tree over its source,
+    one tag per source token (parsing: the source is one token per word)."""
     from jaxformer import decode as decode_lib
 
     settings = decode_settings(decode_cfg, **overrides)
@@ -161,10 +163,14 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
             for row, i in enumerate(chunk):
                 prefix[row, :len(prefixes[i])] = [int(t) for t in prefixes[i]][:prefix.shape[1]]
         keys = None if draw is None else _sample_keys(seed, [first_index + i for i in chunk], rows, j)
+        words = None if grammar is None else np.array([len(sources[i]) for i in chunk] + [0] * (rows - len(chunk)),
+                                                      np.int32)  # a tag for each source token
         if place is not None:
-            src, prefix, keys = (None if a is None else jax.device_put(a, place) for a in (src, prefix, keys))
+            src, prefix, keys, words = (None if a is None else jax.device_put(a, place)
+                                        for a in (src, prefix, keys, words))
         in_flight.append((chunk, _search(decode_lib, model, search_params, src, settings, int(nbest), prefix,
-                                         None if draw is None else {**draw, "keys": keys})))
+                                         None if draw is None else {**draw, "keys": keys},
+                                         None if grammar is None else {"kinds": grammar, "words": words})))
         if len(in_flight) >= limit:
             finish(*in_flight.popleft())
     while in_flight:
@@ -228,22 +234,22 @@ def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
     return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
 
 
-def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None, draw=None) -> dict:
+def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None, draw=None, grammar=None) -> dict:
     """Dispatch one batch's search (greedy for beam_size 1): {"tokens" [rows, N, L], and from beam search
     "scores" and "log_probs" [rows, N]}, not yet ready."""
     if draw is not None:
         tokens = decode_lib.sample_search(model, params, src, draw["keys"], kind=draw["kind"], top_k=draw["top_k"],
                                           top_p=draw["top_p"], temperature=draw["temperature"], prefix=prefix,
-                                          max_extra_len=int(settings["max_extra_len"]))
+                                          max_extra_len=int(settings["max_extra_len"]), grammar=grammar)
         return {"tokens": tokens[:, None]}
     if int(settings["beam_size"]) == 1:
         tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]),
-                                          prefix=prefix)
+                                          prefix=prefix, grammar=grammar)
         return {"tokens": tokens[:, None]}
     found = decode_lib.beam_search_nbest(model, params, src, nbest, beam_size=int(settings["beam_size"]),
                                          alpha=float(settings["length_penalty"]),
                                          max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"],
-                                         prefix=prefix)
+                                         prefix=prefix, grammar=grammar)
     return {key: found[key] for key in ("tokens", "scores", "log_probs")}
 
 

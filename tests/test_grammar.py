@@ -11,6 +11,7 @@ from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.data.treebank import CLOSE, IllFormedTree, delinearize
 from jaxformer.decode import beam_search, beam_search_nbest, greedy_search, sample_search, score_sequences
 from jaxformer.model import Transformer, TransformerConfig, init_params
+from jaxformer.translate import search_ids
 
 # A made-up vocabulary: the specials, four opening brackets, ')', five tags, then source words.
 CFG = TransformerConfig(vocab_size=30, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
@@ -111,3 +112,18 @@ def test_the_mask_only_removes_candidates_the_scores_stay_the_models(model, src)
     real = np.array(LENGTHS) > 0
     expected = score_sequences(net, params, src, tokens, alpha=0.6)
     np.testing.assert_allclose(np.asarray(scores)[real], np.asarray(expected)[real], rtol=1e-4, atol=1e-4)
+
+
+def test_search_ids_keeps_the_grammar_over_batches_and_sorting(model, src):
+    """The text-level driver sorts, buckets and pads sentences: each output is still a tree over its own source."""
+    net, params = model
+    sources = [row[:n].tolist() for row, n in zip(src, LENGTHS)]
+    for beam in (1, 4):
+        found = search_ids(net, params, sources, {"beam_size": beam, "max_extra_len": EXTRA, "batch_size": 4},
+                           grammar=KINDS)
+        assert [bool(hyps) for hyps in found] == [n > 0 for n in LENGTHS]
+        outputs = np.full((len(LENGTHS), 64), PAD_ID, np.int32)
+        for row, hyps in enumerate(found):
+            if hyps:
+                outputs[row, :len(hyps[0]["tokens"]) + 1] = hyps[0]["tokens"] + [EOS_ID]
+        assert_trees(outputs)
