@@ -28,10 +28,10 @@ from flax import linen as nn
 
 from jaxformer import decode_cache
 from jaxformer.attention import ATTENTION_IMPLS, attend, key_value_lengths
+from jaxformer.layout import ACTIVATIONS
 from jaxformer.ops import dropout, output_logits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish, "gelu": lambda x: nn.gelu(x, approximate=False)}
 _CHOICES = {"positional": ("sinusoidal", "learned"), "norm": ("post", "pre"), "dtype": tuple(_DTYPES),
             "attention_impl": ATTENTION_IMPLS, "activation": tuple(ACTIVATIONS),
             "sinusoid_layout": ("interleaved", "halves")}
@@ -217,7 +217,7 @@ class FeedForward(nn.Module):
         dense = lambda feats, name: nn.Dense(  # noqa: E731
             feats, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(), name=name)
-        y = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi")(x))  # [B,T,F]
+        y = ACTIVATIONS[cfg.activation].function(dense(cfg.d_ff, "wi")(x))  # [B,T,F]
         y = Dropout(cfg.relu_dropout_rate)(y, deterministic=deterministic)
         return dense(cfg.d_model, "wo")(y)
 

@@ -304,7 +304,7 @@ def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp
 
     out = tmp_path / "exported"
     assert cli.main(["export", "--workdir", str(workdir), "--average-last", "2", "--out", str(out)]) == 0
-    _, loaded, _ = jaxformer.load(out)
+    loaded = jaxformer.load(out).params
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     meta = json.loads((out / "config.json").read_text())
@@ -327,3 +327,20 @@ def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp
     assert cli.main(["evaluate", "--workdir", str(workdir), "--average-last", "2", "--limit", "2"]) == 0
     assert "BLEU = " in capsys.readouterr().out
     assert json.loads((workdir / "evaluation" / "test" / "bleu.json").read_text())["num_sentences"] == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"norm": "pre", "positional": "learned"},
+                                     {"share_embeddings": False, "tie_output": False, "attention_bias": True,
+                                      "logits_bias": True, "d_k": 6, "d_v": 10, "num_encoder_layers": 0}])
+def test_the_layout_table_lists_exactly_the_models_parameters(options):
+    """`jaxformer.layout.parameters` (what every format iterates) is what `init_params` makes, shape for shape."""
+    from flax import traverse_util
+
+    from jaxformer import layout
+    from jaxformer.model import TransformerConfig, init_params
+
+    config = TransformerConfig(**{"vocab_size": 40, "d_model": 16, "d_ff": 24, "num_heads": 2, "num_encoder_layers": 2,
+                                  "num_decoder_layers": 1, "max_len": 12, **options})
+    made = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]
+    assert layout.shapes(config) == {k: v.shape for k, v in traverse_util.flatten_dict(made, sep="/").items()}
+    assert all(p.kind in layout.KINDS for p in layout.parameters(config))

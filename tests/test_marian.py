@@ -436,7 +436,7 @@ def test_an_offline_hub_id_fails_fast_with_one_line(tmp_path, monkeypatch):
 def test_an_output_directory_that_holds_files_is_refused(swish_marian, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(MarianFormatError, match="not an empty folder"):
+    with pytest.raises(MarianFormatError, match="exists and is not empty"):
         import_marian(swish_marian[0], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
@@ -555,7 +555,7 @@ def test_export_into_a_folder_that_holds_files_is_refused(native, tmp_path):
     config, params, tokenizer, _ = native
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(MarianFormatError, match="not an empty folder"):
+    with pytest.raises(MarianFormatError, match="exists and is not empty"):
         write_marian(tmp_path / "out", config, params, tokenizer)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it

@@ -78,7 +78,7 @@ STAGES = {
     "jaxformer.ops": 0, "jaxformer.config": 0, "jaxformer.synthetic": 0, "jaxformer.preemption": 0,
     "jaxformer.metrics": 0, "jaxformer.bleu": 0, "jaxformer.parseval": 0, "jaxformer.loss": 0, "jaxformer.optim": 0,
     "jaxformer.parallel": 0, "jaxformer.grammar": 0,
-    "jaxformer.attention": 1, "jaxformer.data": 1,
+    "jaxformer.attention": 1, "jaxformer.data": 1, "jaxformer.layout": 1,
     "jaxformer.decode_cache": 2,
     "jaxformer.model": 3,
     "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4, "jaxformer.alignment": 4,
@@ -106,3 +106,23 @@ def test_nothing_imports_upward():
             if dep_stage >= stage and dep_package != package:
                 upward.append(f"{module} -> {dep}")
     assert not upward, f"imports against the flow of data: {upward}"
+
+
+def test_the_model_options_are_the_same_in_the_config_and_the_model():
+    """`default_config().model` (config.py) and `TransformerConfig`'s defaults (model.py) list the same options
+    with the same values; vocab_size and pad_id are the vocabulary's, not options."""
+    import dataclasses
+
+    from jaxformer.config import default_config
+    from jaxformer.data import PAD_ID
+    from jaxformer.model import TransformerConfig
+
+    config = default_config().model.to_dict()
+    fields = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    assert fields.pop("pad_id") == PAD_ID
+    fields.pop("vocab_size")
+    model = fields
+    assert sorted(config) == sorted(model), (f"only in config.py: {sorted(set(config) - set(model))}; only in "
+                                             f"model.py: {sorted(set(model) - set(config))}")
+    differ = {key: (config[key], model[key]) for key in model if config[key] != model[key]}
+    assert not differ, f"(config.py, model.py) defaults differ: {differ}"

@@ -7,7 +7,9 @@
 `load` recognises what a path holds by its files; each format is one module here: `runs` (training run
 directories), `native` (jaxformer's export directory), `ctranslate2` (a CTranslate2 model for serving),
 `marian_export` / `marian_import` (Hugging Face Marian directories, out and in; `marian_layout` is the
-parameter map of both), `init_from` (an export as the start of a fine-tuning run).
+parameter map of both), `init_from` (an export as the start of a fine-tuning run). Each writer module has
+`write(translator, out, **options)` and `unsupported(config)`; they share `staging` (the output folder: absent
+or empty, written whole), `params` (the flat params) and `errors` (`ExportError`, the base of their errors).
 Data flows one way: these modules read and write files and build a `jaxformer.translate.Translator`;
 nothing below them imports them.
 """
@@ -17,12 +19,15 @@ from __future__ import annotations
 import os
 import pathlib
 
-from jaxformer.io import native, runs
+from jaxformer.io import ctranslate2, marian_export, native, runs
+from jaxformer.io.errors import ExportError
 from jaxformer.translate import Translator
 
-__all__ = ["load", "export", "import_marian", "FORMATS"]
+__all__ = ["load", "export", "import_marian", "FORMATS", "WRITERS", "ExportError"]
 
-FORMATS = ("jaxformer", "ctranslate2", "marian")
+# format -> its module: each has write(translator, out, **options) and unsupported(config) (None, or why not)
+WRITERS = {"jaxformer": native, "ctranslate2": ctranslate2, "marian": marian_export}
+FORMATS = tuple(WRITERS)
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, average_last: int | None = None) -> Translator:
@@ -47,16 +52,7 @@ def export(translator: Translator, out_dir: str | os.PathLike, *, format: str = 
     """Write `translator` to `out_dir` in `format` (one of FORMATS); `options` go to that format's writer."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if format == "marian":
-        from jaxformer.io import marian_export
-
-        return marian_export.write(translator, out_dir, **options)
-    if format == "ctranslate2":
-        from jaxformer.io.ctranslate2 import write_ctranslate2
-
-        return write_ctranslate2(out_dir, translator.model.config, translator.params, translator.tokenizer,
-                                 translator.decode, **options)
-    return native.write(translator, out_dir, **options)
+    return WRITERS[format].write(translator, out_dir, **options)
 
 
 def import_marian(source: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:

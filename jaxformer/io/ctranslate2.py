@@ -19,7 +19,6 @@ Needs the `ctranslate2` package (`pip install -e '.[interop]'`); importing this 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -28,12 +27,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxformer import layout
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from jaxformer.io.staging import staged_directory
+from jaxformer.io import params as params_io
+from jaxformer.io.errors import ExportError
+from jaxformer.io.staging import check_output_dir, staged_directory
 from jaxformer.model import TransformerConfig, sinusoidal_positions
 
-__all__ = ["write_ctranslate2", "translate_options", "CTranslate2ExportError", "SPM_FILE", "META_FILE",
-           "README_FILE", "FORMAT"]
+__all__ = ["write", "write_ctranslate2", "unsupported", "translate_options", "CTranslate2ExportError", "SPM_FILE",
+           "META_FILE", "README_FILE", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,10 @@ VERSION = 1
 SPM_FILE = "sentencepiece.model"
 META_FILE = "jaxformer.json"
 README_FILE = "README.md"
-
-# Our activation names -> CTranslate2's `common_spec.Activation` members. Our gelu is the exact (erf) one,
-# CTranslate2's GELU; swish is SiLU.
-_ACTIVATIONS = {"relu": "RELU", "swish": "SWISH", "gelu": "GELU"}
 _LAYOUTS = ("interleaved", "halves")
 
 
-class CTranslate2ExportError(ValueError):
+class CTranslate2ExportError(ExportError):
     """The model, its vocabulary, the options or the output directory cannot give a CTranslate2 model."""
 
 
@@ -70,28 +68,21 @@ def unsupported(config: TransformerConfig) -> str | None:
         return (f"model.d_k={d_k}, model.d_v={d_v} with num_heads={heads}, d_model={config.d_model}: CTranslate2's "
                 f"Transformer needs d_k = d_v = d_model / num_heads")
     activation = config.activation
-    if activation not in _ACTIVATIONS:
-        return f"model.activation={activation!r}: CTranslate2 export supports {', '.join(_ACTIVATIONS)}"
+    if activation not in layout.ACTIVATIONS:
+        return f"model.activation={activation!r}: CTranslate2 export supports {', '.join(layout.ACTIVATIONS)}"
     if config.norm not in ("post", "pre"):
         return f"model.norm={config.norm!r}: CTranslate2 export supports 'post' and 'pre'"
     if config.positional not in ("sinusoidal", "learned"):
         return f"model.positional={config.positional!r}: CTranslate2 export supports 'sinusoidal' and 'learned'"
-    layout = config.sinusoid_layout
-    if config.positional == "sinusoidal" and layout not in _LAYOUTS:
-        return f"model.sinusoid_layout={layout!r}: CTranslate2 export supports {', '.join(_LAYOUTS)}"
+    layout_name = config.sinusoid_layout
+    if config.positional == "sinusoidal" and layout_name not in _LAYOUTS:
+        return f"model.sinusoid_layout={layout_name!r}: CTranslate2 export supports {', '.join(_LAYOUTS)}"
     return None
 
 
 def position_table(config: TransformerConfig) -> np.ndarray:
     """The model's sinusoid table [max_len, d_model], in its own feature order (`model.sinusoid_layout`)."""
-    layout = config.sinusoid_layout
-    names = [n for n in inspect.signature(sinusoidal_positions).parameters if "layout" in n]
-    if names:  # the model's own function knows the layouts: ask it
-        return np.asarray(sinusoidal_positions(config.max_len, config.d_model, **{names[0]: layout}), np.float32)
-    table = sinusoidal_positions(config.max_len, config.d_model)
-    if layout == "halves":  # sin of every frequency, then cos: the same values, features reordered
-        table = np.concatenate([table[:, 0::2], table[:, 1::2]], axis=1)
-    return np.asarray(table, np.float32)
+    return np.asarray(sinusoidal_positions(config.max_len, config.d_model, config.sinusoid_layout), np.float32)
 
 
 def translate_options(decode_settings: Mapping | None, max_len: int, longest_source: int | None = None,
@@ -126,30 +117,22 @@ def _float(x) -> np.ndarray:
 
 
 class _Params:
-    """Read access to the params tree, naming the missing parameter in its error."""
+    """The flat params, naming a missing parameter in its error."""
 
     def __init__(self, params):
-        tree = params.get("params", params) if isinstance(params, Mapping) else None
-        if not isinstance(tree, Mapping):
+        if not isinstance(params, Mapping) or not isinstance(params_io.unwrap(params), Mapping):
             raise CTranslate2ExportError(f"params must be the params tree {{'params': ...}}, got "
                                          f"{type(params).__name__}")
-        self.tree = tree
-
-    def has(self, path: str) -> bool:
-        node = self.tree
-        for name in path.split("/"):
-            if not isinstance(node, Mapping) or name not in node:
-                return False
-            node = node[name]
-        return True
+        self.flat = params_io.flatten(params)
 
     def __call__(self, path: str) -> np.ndarray:
-        if not self.has(path):
+        if path not in self.flat:
             raise CTranslate2ExportError(f"the params tree has no {path}: it does not match the model config")
-        node = self.tree
-        for name in path.split("/"):
-            node = node[name]
-        return _float(node)
+        return _float(self.flat[path])
+
+    def linear(self, param: layout.Param) -> np.ndarray:
+        """The parameter in [out, in] Linear form (heads flattened head-major)."""
+        return _float(layout.to_linear(param.kind, self(param.path)))
 
 
 def _linear(spec, weight, bias=None):
@@ -158,43 +141,30 @@ def _linear(spec, weight, bias=None):
         spec.bias = _float(bias)
 
 
-def _layer_norm(spec, p: _Params, scope: str):
-    spec.gamma = p(f"{scope}/scale")
-    spec.beta = p(f"{scope}/bias")
-
-
-def _projection(p: _Params, scope: str, name: str, with_bias: bool, fused_axis_heads: bool):
-    """(weight [out, in], bias or None) of one attention projection, heads flattened head-major."""
-    kernel = p(f"{scope}/{name}/kernel")
-    if fused_axis_heads:  # query/key/value: [D, H, K] -> [H*K, D]
-        weight = kernel.reshape(kernel.shape[0], -1).T
-    else:  # out: [H, K, D] -> [D, H*K]
-        weight = kernel.reshape(-1, kernel.shape[-1]).T
-    bias = p(f"{scope}/{name}/bias").reshape(-1) if with_bias else None
-    return weight, bias
-
-
-def _attention(spec, p: _Params, scope: str, *, self_attention: bool, with_bias: bool):
+def _sublayer(layer, sub: layout.SubLayer, p: _Params):
+    """One residual sub-layer of the table into its spec: the module's linears, then its LayerNorm."""
     from ctranslate2.converters import utils
     from ctranslate2.specs import common_spec
 
+    spec = (layer.ffn if sub.kind == "ffn" else layer.self_attention if sub.kind == "self_attention"
+            else layer.attention)
+    weights: dict[tuple[str, str], np.ndarray] = {(q.module, q.field): p.linear(q) for q in sub.params}
+    spec.layer_norm.gamma, spec.layer_norm.beta = weights["norm", "scale"], weights["norm", "bias"]
+    if sub.kind == "ffn":
+        _linear(spec.linear_0, weights["wi", "kernel"], weights.get(("wi", "bias")))
+        _linear(spec.linear_1, weights["wo", "kernel"], weights.get(("wo", "bias")))
+        return
     parts = []
     for name in ("query", "key", "value"):
         part = common_spec.LinearSpec()
-        _linear(part, *_projection(p, scope, name, with_bias, True))
+        _linear(part, weights[name, "kernel"], weights.get((name, "bias")))
         parts.append(part)
-    if self_attention:  # one fused [3D, D] projection, as CTranslate2's Marian converter builds it
+    if sub.kind == "self_attention":  # one fused [3D, D] projection, as CTranslate2's Marian converter builds it
         utils.fuse_linear(spec.linear[0], parts)
     else:  # queries from the decoder; keys and values fused, from the encoder output
         spec.linear[0].weight, spec.linear[0].bias = parts[0].weight, parts[0].bias
         utils.fuse_linear(spec.linear[1], parts[1:])
-    _linear(spec.linear[-1], *_projection(p, scope, "out", with_bias, False))
-
-
-def _ffn(spec, p: _Params, scope: str):
-    for linear, name in ((spec.linear_0, "wi"), (spec.linear_1, "wo")):
-        bias = p(f"{scope}/{name}/bias") if p.has(f"{scope}/{name}/bias") else None
-        _linear(linear, p(f"{scope}/{name}/kernel").T, bias)
+    _linear(spec.linear[-1], weights["out", "kernel"], weights.get(("out", "bias")))
 
 
 def _build_spec(config: TransformerConfig, params, tokenizer):
@@ -204,7 +174,7 @@ def _build_spec(config: TransformerConfig, params, tokenizer):
     spec = transformer_spec.TransformerSpec.from_config(
         (config.num_encoder_layers, config.num_decoder_layers), config.num_heads,
         pre_norm=config.norm == "pre",
-        activation=getattr(common_spec.Activation, _ACTIVATIONS[config.activation]))
+        activation=getattr(common_spec.Activation, layout.ACTIVATIONS[config.activation].ctranslate2))
     # Tokens: our sentencepiece pieces, id for id; the source gets EOS appended, the decoder starts at BOS.
     pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     spec.register_source_vocabulary(pieces)
@@ -215,47 +185,27 @@ def _build_spec(config: TransformerConfig, params, tokenizer):
     cfg.add_source_bos, cfg.add_source_eos = False, True
     cfg.layer_norm_epsilon = float(config.layer_norm_epsilon)  # its default is 1e-5
 
-    attention_bias = bool(config.attention_bias)
-    if config.share_embeddings:
-        source_embedding = target_embedding = p("shared_embedding/embedding")
-    else:
-        source_embedding, target_embedding = p("source_embedding/embedding"), p("target_embedding/embedding")
-    sides = ((spec.encoder, "encoder", source_embedding), (spec.decoder, "decoder", target_embedding))
-    for side, name, embedding in sides:
+    source, target = layout.embeddings(config)
+    source_embedding = p(source)
+    target_embedding = source_embedding if target == source else p(target)
+    for side, stack, embedding in ((spec.encoder, "encoder", source_embedding),
+                                   (spec.decoder, "decoder", target_embedding)):
         embeddings = side.embeddings[0] if isinstance(side.embeddings, list) else side.embeddings
         embeddings.weight = embedding  # the same array on both sides: CTranslate2 aliases equal variables
         side.scale_embeddings = bool(config.scale_embeddings)
         if config.positional == "learned":
-            side.position_encodings.encodings = p(f"{name}_embedder/positions")
+            side.position_encodings.encodings = p(layout.positions(stack))
         else:
             side.position_encodings.encodings = position_table(config)
         if config.norm == "pre":
-            _layer_norm(side.layer_norm, p, f"{name}_norm")
-    for i, layer in enumerate(spec.encoder.layer):
-        scope = f"encoder_{i}"
-        _attention(layer.self_attention, p, f"{scope}/self_attention", self_attention=True, with_bias=attention_bias)
-        _layer_norm(layer.self_attention.layer_norm, p, f"{scope}/attention_block/norm")
-        _ffn(layer.ffn, p, f"{scope}/ffn")
-        _layer_norm(layer.ffn.layer_norm, p, f"{scope}/ffn_block/norm")
-    for i, layer in enumerate(spec.decoder.layer):
-        scope = f"decoder_{i}"
-        _attention(layer.self_attention, p, f"{scope}/self_attention", self_attention=True, with_bias=attention_bias)
-        _layer_norm(layer.self_attention.layer_norm, p, f"{scope}/self_attention_block/norm")
-        _attention(layer.attention, p, f"{scope}/cross_attention", self_attention=False, with_bias=attention_bias)
-        _layer_norm(layer.attention.layer_norm, p, f"{scope}/cross_attention_block/norm")
-        _ffn(layer.ffn, p, f"{scope}/ffn")
-        _layer_norm(layer.ffn.layer_norm, p, f"{scope}/ffn_block/norm")
-    output = target_embedding if config.tie_output else p("output_projection/kernel").T
-    logits_bias = p("final_logits_bias") if config.logits_bias else None
+            norm = layout.final_norm(stack)
+            side.layer_norm.gamma, side.layer_norm.beta = p(f"{norm}/scale"), p(f"{norm}/bias")
+    for sub in layout.sublayers(config):
+        _sublayer((spec.encoder if sub.stack == "encoder" else spec.decoder).layer[sub.index], sub, p)
+    output = target_embedding if config.tie_output else p(layout.OUTPUT).T
+    logits_bias = p(layout.LOGITS_BIAS) if config.logits_bias else None
     _linear(spec.decoder.projection, output, logits_bias)
     return spec
-
-
-def _check_output_dir(out: pathlib.Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise CTranslate2ExportError(f"{out} exists and is not a directory; give a new directory to write to")
-    if out.is_dir() and any(out.iterdir()):
-        raise CTranslate2ExportError(f"{out} exists and is not empty; give a new (or empty) directory to write to")
 
 
 def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, params, tokenizer,
@@ -279,7 +229,7 @@ def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, par
         raise CTranslate2ExportError(f"unknown quantization {quantization!r}; choose one of "
                                      f"{', '.join(ACCEPTED_MODEL_TYPES)}")
     out = pathlib.Path(out_dir)
-    _check_output_dir(out)
+    check_output_dir(out, CTranslate2ExportError)
     if tokenizer is None or not hasattr(tokenizer, "id_to_piece"):
         raise CTranslate2ExportError("no vocabulary: a CTranslate2 model needs the model's sentencepiece tokenizer "
                                      "(the run's or export's vocab.model)")
@@ -302,7 +252,7 @@ def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, par
         def _load(self):
             return spec
 
-    with staged_directory(out) as tmp:
+    with staged_directory(out, CTranslate2ExportError) as tmp:
         # CTranslate2's converter writes into a folder it creates itself
         tmp.rmdir()
         try:
@@ -318,6 +268,12 @@ def write_ctranslate2(out_dir: str | os.PathLike, config: TransformerConfig, par
         (tmp / README_FILE).write_text(_readme(out.name, quantization, settings, options))
     log.info("wrote CTranslate2 model %s (%s)", out, quantization)
     return out
+
+
+def write(translator, out_dir: str | os.PathLike, *, quantization: str = "float32") -> pathlib.Path:
+    """`write_ctranslate2` of a loaded `jaxformer.translate.Translator` (what `jaxformer.io.export` calls)."""
+    return write_ctranslate2(out_dir, translator.model.config, translator.params, translator.tokenizer,
+                             translator.decode, quantization=quantization)
 
 
 def _readme(name: str, quantization: str, settings: Mapping, options: Mapping) -> str:

@@ -100,11 +100,11 @@ def initial_params(config, model_config):
     from jaxformer.io import native
 
     path = _source(config)
-    model, params, _ = native.read(path)
-    theirs = {k: v for k, v in model.config.to_dict().items() if k not in TRAINING_KEYS}
+    translator = native.read(path)
+    theirs = {k: v for k, v in translator.model.config.to_dict().items() if k not in TRAINING_KEYS}
     mine = {k: v for k, v in model_config.to_dict().items() if k not in TRAINING_KEYS}
     if theirs != mine:
         wrong = sorted(k for k in theirs if theirs[k] != mine.get(k))
         raise ValueError(f"train.init_from={path}: the run's model differs from it in {', '.join(wrong)}")
     log.info("fine-tuning from %s (its parameters; a fresh optimizer state and schedule)", path)
-    return params
+    return translator.params

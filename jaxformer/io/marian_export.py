@@ -30,11 +30,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxformer.data.marian_vocab import MarianVocab
+from jaxformer.io import params as params_io
 from jaxformer.io.marian_layout import (MarianFormatError, attention_bias_map, feature_order, marian_config,
-                                        parameter_map, to_marian, unsupported_for_marian, vocabulary_parameters)
-from jaxformer.io.staging import staged_directory
+                                        parameter_map, to_marian, unsupported, vocabulary_parameters)
+from jaxformer.io.staging import check_output_dir, staged_directory
 
-__all__ = ["write_marian", "write", "marian_state_dict", "MarianFormatError"]
+__all__ = ["write_marian", "write", "unsupported", "marian_state_dict", "MarianFormatError"]
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,13 @@ def marian_vocabulary(tokenizer) -> MarianVocab:
 
 def marian_state_dict(config, params, vocab: MarianVocab) -> dict[str, np.ndarray]:
     """transformers' MarianMTModel state dict (float32 numpy arrays) of jaxformer `params`."""
-    import jax
-    from flax import traverse_util
-
-    reason = unsupported_for_marian(config)
+    reason = unsupported(config)
     if reason:
         raise MarianFormatError(f"cannot export to Marian: {reason}")
     if vocab.vocab_size != config.vocab_size:
         raise MarianFormatError(f"the vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
                                 f"{config.vocab_size}: they do not belong together")
-    tree = params["params"] if "params" in params else params
-    flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in params_io.flatten(params).items()}
     order = feature_order(config.d_model, config.sinusoid_layout)
     h = config.num_heads
     state: dict[str, np.ndarray] = {}
@@ -126,8 +123,7 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
     from jaxformer.config import decode_settings as checked
 
     out = pathlib.Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MarianFormatError(f"{out} exists and is not an empty folder; choose a new --out")
+    check_output_dir(out, MarianFormatError)
     vocab = marian_vocabulary(tokenizer)
     ids = vocab.ids
     state = marian_state_dict(config, params, vocab)
@@ -137,7 +133,7 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
         "generation_config.json": generation_config(config, settings, ids),
         "tokenizer_config.json": tokenizer_config(vocab, config, languages),
     }
-    with staged_directory(out) as tmp:
+    with staged_directory(out, MarianFormatError) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         vocab.write_files(tmp)
         for name, content in files.items():

@@ -27,11 +27,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxformer import layout
 from jaxformer.data.common import DataError
 from jaxformer.data.marian_vocab import MarianVocab
+from jaxformer.io import params as params_io
 from jaxformer.io.marian_layout import (DECODER_EMBED, ENCODER_EMBED, LM_HEAD, POSITION_KEYS, SHARED,
                                         MarianFormatError, embedding_sources, from_marian, marian_shape,
                                         parameter_map, transformer_config)
+from jaxformer.io.staging import check_output_dir
 
 __all__ = ["import_marian", "read_marian", "resolve_source", "MarianFormatError"]
 
@@ -196,13 +199,9 @@ def marian_params(config, weights: Mapping[str, np.ndarray], sources: tuple[str,
                   vocab: MarianVocab, where: pathlib.Path) -> dict:
     """jaxformer's {"params": ...} tree (numpy) from a Marian state dict, every key accounted for; `sources`
     are the keys of the encoder embedding, decoder embedding and untied output layer (`embedding_sources`)."""
-    import jax
-    from flax import traverse_util
+    from jaxformer.model import sinusoidal_positions
 
-    from jaxformer.model import init_params, sinusoidal_positions
-
-    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
-        jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"], sep="/").items()}
+    expected = layout.shapes(config)
     order, h = np.arange(config.d_model), config.num_heads  # imported models keep Marian's halves layout
     used: set[str] = set()
     flat: dict[str, np.ndarray] = {}
@@ -221,13 +220,11 @@ def marian_params(config, weights: Mapping[str, np.ndarray], sources: tuple[str,
         flat[path] = from_marian(kind, take(key, path, kind), order, h)
     ids = vocab.ids
     encoder, decoder, output = sources
-    embeddings = ([("shared_embedding/embedding", encoder)] if config.share_embeddings else
-                  [("source_embedding/embedding", encoder), ("target_embedding/embedding", decoder)])
-    for path, key in embeddings:
+    source, target = layout.embeddings(config)
+    for path, key in [(source, encoder)] + ([(target, decoder)] if target != source else []):
         flat[path] = ids.rows_to_ours(from_marian("embedding", take(key, path, "embedding"), order, h))
     if output is not None:
-        path = "output_projection/kernel"
-        flat[path] = from_marian("output", ids.rows_to_ours(take(output, path, "output")), order, h)
+        flat[layout.OUTPUT] = from_marian("output", ids.rows_to_ours(take(output, layout.OUTPUT, "output")), order, h)
     bias = weights.get("final_logits_bias", np.zeros((1, ids.marian_size), np.float32))
     if bias.shape != (1, ids.marian_size):
         raise MarianFormatError(f"{where}: final_logits_bias has shape {bias.shape}, expected {(1, ids.marian_size)}")
@@ -249,8 +246,7 @@ def marian_params(config, weights: Mapping[str, np.ndarray], sources: tuple[str,
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise MarianFormatError(f"{where}: no Marian weight for {', '.join(missing[:4])}")
-    return {"params": traverse_util.unflatten_dict({tuple(k.split("/")): v.astype(np.float32)
-                                                    for k, v in flat.items()})}
+    return {"params": params_io.unflatten({k: v.astype(np.float32) for k, v in flat.items()})}
 
 
 def read_marian(source: str | os.PathLike):
@@ -291,8 +287,7 @@ def import_marian(source: str | os.PathLike, out_dir: str | os.PathLike) -> path
     from jaxformer.translate import Translator
 
     out = pathlib.Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MarianFormatError(f"{out} exists and is not an empty folder; choose a new --out")
+    check_output_dir(out, MarianFormatError)
     config, params, vocab, decode, languages = read_marian(source)
     run_config = default_config()  # what the export keeps for `jaxformer evaluate`: the languages
     run_config.data.src_lang, run_config.data.tgt_lang = (lang or "" for lang in languages)

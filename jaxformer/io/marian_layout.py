@@ -1,7 +1,8 @@
 """What jaxformer's Transformer and Hugging Face's `MarianMTModel` have in common, stated once for both ways.
 
-`parameter_map(config)` lists every parameter as (jaxformer path, Marian state-dict key, kind); `to_marian`
-and `from_marian` convert one array of a kind, given a feature order: Marian's sinusoids put sin in the first
+`parameter_map(config)` names the layers' parameters of `jaxformer.layout`'s table as (jaxformer path, Marian
+state-dict key, kind); `to_marian` and `from_marian` convert one array of a kind (the table's [out, in] form),
+given a feature order: Marian's sinusoids put sin in the first
 half of the d_model features and cos in the second, where jaxformer's default layout interleaves them, so
 a model with `sinusoid_layout="interleaved"` is exported with the d_model axis of every tensor permuted
 (`feature_order`): an exact equivalence, since LayerNorm and the residual sums treat every feature alike.
@@ -14,22 +15,24 @@ side cannot express is refused with one line naming the option (`MarianFormatErr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["MarianFormatError", "ACTIVATIONS", "feature_order", "parameter_map", "to_marian", "from_marian",
-           "marian_config", "transformer_config", "marian_shape", "embedding_sources", "vocabulary_parameters",
+from jaxformer import layout
+from jaxformer.io.errors import ExportError
+
+__all__ = ["MarianFormatError", "feature_order", "parameter_map", "to_marian", "from_marian", "marian_shape",
+           "marian_config", "transformer_config", "unsupported", "embedding_sources", "vocabulary_parameters",
            "POSITION_KEYS"]
 
-# jaxformer activation <-> transformers' ACT2FN name ("swish" and "silu" are the same function there)
-ACTIVATIONS = {"relu": "relu", "swish": "swish", "gelu": "gelu"}
-_FROM_MARIAN_ACTIVATION = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu": "gelu"}
+# transformers' ACT2FN name -> jaxformer activation ("swish" and "silu" are the same function there)
+_FROM_MARIAN_ACTIVATION = {**{a.transformers: name for name, a in layout.ACTIVATIONS.items()}, "silu": "swish"}
 POSITION_KEYS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight")
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which MarianMTModel uses (not configurable)
 
 
-class MarianFormatError(ValueError):
+class MarianFormatError(ExportError):
     """A model or file that the Marian format (or this converter) cannot express; one line, naming it."""
 
 
@@ -43,105 +46,48 @@ def feature_order(d_model: int, sinusoid_layout: str) -> np.ndarray:
     return np.concatenate([np.arange(0, d_model, 2), np.arange(1, d_model, 2)])
 
 
-# kind -> (jaxformer -> Marian, Marian -> jaxformer); `order` is feature_order, `h` the number of heads.
-def _proj_in_to(x, order, h):       # kernel [D, H, K] -> torch Linear weight [H*K, D]
-    return x[order].reshape(x.shape[0], -1).T
-
-
-def _proj_in_from(w, order, h):
-    d = w.shape[1]
-    return w.T.reshape(d, h, -1)[np.argsort(order)]
-
-
-def _proj_out_to(x, order, h):      # kernel [H, K, D] -> weight [D, H*K]
-    return x[..., order].reshape(-1, x.shape[-1]).T
-
-
-def _proj_out_from(w, order, h):
-    d = w.shape[0]
-    return w.T.reshape(h, -1, d)[..., np.argsort(order)]
-
-
-_KINDS = {
-    "proj_in": (_proj_in_to, _proj_in_from),
-    "head_bias": (lambda x, o, h: x.reshape(-1), lambda w, o, h: w.reshape(h, -1)),      # [H, K] <-> [H*K]
-    "proj_out": (_proj_out_to, _proj_out_from),
-    "features": (lambda x, o, h: x[o], lambda w, o, h: w[np.argsort(o)]),               # [D] <-> [D]
-    "fc1": (lambda x, o, h: x[o].T, lambda w, o, h: w.T[np.argsort(o)]),                # [D, F] <-> [F, D]
-    "plain": (lambda x, o, h: x, lambda w, o, h: w),                                    # [F] <-> [F]
-    "fc2": (lambda x, o, h: x[:, o].T, lambda w, o, h: w.T[:, np.argsort(o)]),          # [F, D] <-> [D, F]
-    "embedding": (lambda x, o, h: x[:, o], lambda w, o, h: w[:, np.argsort(o)]),        # vocabulary rows aside
-    "output": (lambda x, o, h: x[o].T, lambda w, o, h: w.T[np.argsort(o)]),             # [D, V] <-> [V, D]
-}
+def _permute(kind: str, x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """`x` with its d_model axis (the kind's, if any) reordered by `order`."""
+    axis = layout.KINDS[kind].feature_axis
+    return x if axis is None else np.take(x, order, axis=axis)
 
 
 def marian_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The Marian shape of a jaxformer array of `shape` (vocabulary kinds: one row fewer, PAD's)."""
-    if kind == "proj_in":
-        return (shape[1] * shape[2], shape[0])
-    if kind == "head_bias":
-        return (shape[0] * shape[1],)
-    if kind == "proj_out":
-        return (shape[2], shape[0] * shape[1])
-    if kind in ("fc1", "fc2"):
-        return (shape[1], shape[0])
-    if kind == "embedding":
-        return (shape[0] - 1, shape[1])
-    if kind == "output":
-        return (shape[1] - 1, shape[0])
-    return tuple(shape)
+    linear = layout.to_linear(kind, np.broadcast_to(np.float32(0), shape)).shape
+    if kind in ("embedding", "output"):
+        return (linear[0] - 1, *linear[1:])
+    return tuple(linear)
 
 
 def to_marian(kind: str, array: np.ndarray, order: np.ndarray, num_heads: int) -> np.ndarray:
-    return np.ascontiguousarray(_KINDS[kind][0](np.asarray(array), order, num_heads))
+    return np.ascontiguousarray(layout.to_linear(kind, _permute(kind, np.asarray(array), order)))
 
 
 def from_marian(kind: str, array: np.ndarray, order: np.ndarray, num_heads: int) -> np.ndarray:
-    return np.ascontiguousarray(_KINDS[kind][1](np.asarray(array), order, num_heads))
+    ours = layout.from_linear(kind, np.asarray(array), num_heads)
+    return np.ascontiguousarray(_permute(kind, ours, np.argsort(order)))
 
 
-def _attention(ours: str, theirs: str, bias: bool) -> Iterator[tuple[str, str, str]]:
-    for name, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        yield f"{ours}/{name}/kernel", f"{theirs}.{proj}.weight", "proj_in"
-        if bias:
-            yield f"{ours}/{name}/bias", f"{theirs}.{proj}.bias", "head_bias"
-    yield f"{ours}/out/kernel", f"{theirs}.out_proj.weight", "proj_out"
-    if bias:
-        yield f"{ours}/out/bias", f"{theirs}.out_proj.bias", "features"
-
-
-def _norm(ours: str, theirs: str) -> Iterator[tuple[str, str, str]]:
-    yield f"{ours}/norm/scale", f"{theirs}.weight", "features"
-    yield f"{ours}/norm/bias", f"{theirs}.bias", "features"
-
-
-def _ffn(ours: str, theirs: str) -> Iterator[tuple[str, str, str]]:
-    yield f"{ours}/ffn/wi/kernel", f"{theirs}.fc1.weight", "fc1"
-    yield f"{ours}/ffn/wi/bias", f"{theirs}.fc1.bias", "plain"
-    yield f"{ours}/ffn/wo/kernel", f"{theirs}.fc2.weight", "fc2"
-    yield f"{ours}/ffn/wo/bias", f"{theirs}.fc2.bias", "features"
+# sub-layer kind -> (Marian module, its LayerNorm); a module of a sub-layer -> its Marian name
+_SUBLAYERS = {"self_attention": ("self_attn.", "self_attn_layer_norm"),
+              "cross_attention": ("encoder_attn.", "encoder_attn_layer_norm"), "ffn": ("", "final_layer_norm")}
+_MODULES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj", "wi": "fc1", "wo": "fc2"}
 
 
 def parameter_map(config) -> list[tuple[str, str, str]]:
-    """(jaxformer '/'-joined path, Marian key, kind) of every weight except the vocabulary-indexed ones
-    (embeddings, output projection, logits bias: see `vocabulary_parameters`). Attention biases are listed
-    only when `config.attention_bias` (Marian always has them; the exporter writes zeros otherwise)."""
-    bias = bool(config.attention_bias)
+    """(jaxformer '/'-joined path, Marian key, kind) of every weight of the layers (`jaxformer.layout`), the
+    vocabulary-indexed ones aside (embeddings, output projection, logits bias: see `vocabulary_parameters`).
+    Attention biases are listed only when `config.attention_bias` (Marian always has them; the exporter
+    writes zeros otherwise)."""
     out: list[tuple[str, str, str]] = []
-    for i in range(config.num_encoder_layers):
-        ours, theirs = f"encoder_{i}", f"model.encoder.layers.{i}"
-        out += _attention(f"{ours}/self_attention", f"{theirs}.self_attn", bias)
-        out += _norm(f"{ours}/attention_block", f"{theirs}.self_attn_layer_norm")
-        out += _ffn(ours, theirs)
-        out += _norm(f"{ours}/ffn_block", f"{theirs}.final_layer_norm")
-    for i in range(config.num_decoder_layers):
-        ours, theirs = f"decoder_{i}", f"model.decoder.layers.{i}"
-        out += _attention(f"{ours}/self_attention", f"{theirs}.self_attn", bias)
-        out += _norm(f"{ours}/self_attention_block", f"{theirs}.self_attn_layer_norm")
-        out += _attention(f"{ours}/cross_attention", f"{theirs}.encoder_attn", bias)
-        out += _norm(f"{ours}/cross_attention_block", f"{theirs}.encoder_attn_layer_norm")
-        out += _ffn(ours, theirs)
-        out += _norm(f"{ours}/ffn_block", f"{theirs}.final_layer_norm")
+    for sub in layout.sublayers(config):
+        module, norm = _SUBLAYERS[sub.kind]
+        prefix = f"model.{sub.stack}.layers.{sub.index}."
+        for param in sub.params:
+            field = "weight" if param.field in ("kernel", "scale") else "bias"
+            name = norm if param.module == "norm" else module + _MODULES[param.module]
+            out.append((param.path, f"{prefix}{name}.{field}", param.kind))
     return out
 
 
@@ -161,15 +107,15 @@ def vocabulary_parameters(config) -> list[tuple[str, str, str]]:
     transformers ties the encoder's and decoder's embeddings to `model.shared` only while
     tie_word_embeddings is true (version 5; version 4 always did): a shared embedding with an untied output
     layer is therefore written under all three names."""
+    source, target = layout.embeddings(config)
     if config.share_embeddings and config.tie_output:
-        out = [("shared_embedding/embedding", SHARED, "embedding")]
+        out = [(source, SHARED, "embedding")]
     elif config.share_embeddings:
-        out = [("shared_embedding/embedding", key, "embedding") for key in (SHARED, ENCODER_EMBED, DECODER_EMBED)]
+        out = [(source, key, "embedding") for key in (SHARED, ENCODER_EMBED, DECODER_EMBED)]
     else:
-        out = [("source_embedding/embedding", ENCODER_EMBED, "embedding"),
-               ("target_embedding/embedding", DECODER_EMBED, "embedding")]
+        out = [(source, ENCODER_EMBED, "embedding"), (target, DECODER_EMBED, "embedding")]
     if not config.tie_output:
-        out.append(("output_projection/kernel", LM_HEAD, "output"))
+        out.append((layout.OUTPUT, LM_HEAD, "output"))
     return out
 
 
@@ -190,7 +136,7 @@ def embedding_sources(marian: Mapping[str, Any], weights: Mapping[str, np.ndarra
 
 # ------------------------------------------------------------------------------------------------- config
 
-def unsupported_for_marian(config) -> str | None:
+def unsupported(config) -> str | None:
     """The first option of a jaxformer model that MarianMTModel cannot express, as a one-line reason."""
     if config.norm != "post":
         return f"model.norm={config.norm!r}: MarianMTModel is post-LN only"
@@ -202,7 +148,7 @@ def unsupported_for_marian(config) -> str | None:
     if config.head_dim_k != head or config.head_dim_v != head:
         return (f"model.d_k={config.d_k} / model.d_v={config.d_v}: MarianMTModel's heads have d_model / num_heads = "
                 f"{head} features")
-    if config.activation not in ACTIVATIONS:
+    if config.activation not in layout.ACTIVATIONS:
         return f"model.activation={config.activation!r} has no transformers equivalent"
     if config.sinusoid_layout not in ("interleaved", "halves"):
         return f"model.sinusoid_layout={config.sinusoid_layout!r} is unknown"
@@ -211,7 +157,7 @@ def unsupported_for_marian(config) -> str | None:
 
 def marian_config(config, *, marian_vocab_size: int, eos: int, pad: int) -> dict[str, Any]:
     """config.json of the MarianMTModel equal to `config` (every field written out, none left to defaults)."""
-    reason = unsupported_for_marian(config)
+    reason = unsupported(config)
     if reason:
         raise MarianFormatError(f"cannot export to Marian: {reason}")
     return {
@@ -222,7 +168,7 @@ def marian_config(config, *, marian_vocab_size: int, eos: int, pad: int) -> dict
         "encoder_attention_heads": config.num_heads, "decoder_attention_heads": config.num_heads,
         "encoder_ffn_dim": config.d_ff, "decoder_ffn_dim": config.d_ff,
         "max_position_embeddings": config.max_len,
-        "activation_function": ACTIVATIONS[config.activation],
+        "activation_function": layout.ACTIVATIONS[config.activation].transformers,
         "scale_embedding": bool(config.scale_embeddings),
         "static_position_embeddings": True,
         "share_encoder_decoder_embeddings": bool(config.share_embeddings),

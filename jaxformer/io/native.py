@@ -28,11 +28,14 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from jaxformer import layout
 from jaxformer.config import decode_settings, saved_model_values
-from jaxformer.io.staging import staged_directory
-from jaxformer.model import Transformer, TransformerConfig, init_params
+from jaxformer.data import VOCAB_FILENAME as VOCAB_FILE
+from jaxformer.io import params as params_io
+from jaxformer.io.errors import ExportError
+from jaxformer.io.staging import check_output_dir, staged_directory
+from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -41,12 +44,12 @@ FORMAT = "jaxformer-export"
 VERSION = 2  # 2: the vocabulary may be of another kind ("vocab_kind"); sentencepiece exports are still written as 1
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
-VOCAB_FILE = "vocab.model"
 JAX_EXPORT_FILE = "translate.jax_export"
 
 
-class ExportError(ValueError):
-    """An export directory is missing, incomplete or of another format."""
+def unsupported(config: TransformerConfig) -> None:
+    """None: the jaxformer format holds every model jaxformer can build."""
+    return None
 
 
 def _plain(value):
@@ -81,13 +84,11 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
         raise ExportError("jax_export=True needs the 'flatbuffers' package (jax.export serializes with it): "
                           "pip install flatbuffers")
     out = pathlib.Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not is_export_dir(out):
-        raise ExportError(f"{out} exists and is not an export directory; choose a new or empty --out")
+    check_output_dir(out, ExportError, replaceable=is_export_dir)
     vocab_kind, vocab_name = _vocabulary_kind(tokenizer)
     version = 1 if vocab_kind == "sentencepiece" else VERSION  # older readers refuse a vocabulary they lack by it
-    tree = params["params"] if "params" in params else params
-    flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
-    arrays = {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
+    tree = params_io.unwrap(params)
+    arrays = {key: np.ascontiguousarray(value) for key, value in params_io.flatten(tree).items()}
     settings = decode_settings(translator.decode)
     meta: dict[str, Any] = {
         "format": FORMAT, "version": version, "model": config.to_dict(), "decode": settings,
@@ -99,7 +100,7 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
         meta["data"] = _plain(translator.config.data)
         if translator.config.train.get("bleu_tokenize"):
             meta["bleu_tokenize"] = str(translator.config.train.bleu_tokenize)
-    with staged_directory(out) as tmp:
+    with staged_directory(out, ExportError, replaceable=is_export_dir) as tmp:
         save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
         tokenizer.save(str(tmp / vocab_name))
         if jax_export:
@@ -140,11 +141,11 @@ def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, d
     buffer_len = decode_lib.decode_buffer_len(src_len, config, max_extra_len=max_extra_len)
     if beam_size == 1:
         search = {"function": "greedy_search"}
-        fn = jax.jit(lambda v, src: decode_lib._greedy(model, buffer_len, max_extra_len, v, src)["tokens"])
+        fn = jax.jit(lambda v, src: decode_lib.greedy_search(model, v, src, max_extra_len=max_extra_len))
     else:
         search = {"function": "beam_search", "beam_size": beam_size, "alpha": alpha}
-        fn = jax.jit(lambda v, src: decode_lib._beam(model, beam_size, buffer_len, max_extra_len, v, src,
-                                                     alpha)["tokens"][:, 0])  # the best of [B, N=1, L]
+        fn = jax.jit(lambda v, src: decode_lib.beam_search(model, v, src, beam_size=beam_size, alpha=alpha,
+                                                           max_extra_len=max_extra_len)[0])  # tokens, not scores
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), variables)
     batch, = jax.export.symbolic_shape("batch")
     kwargs = {"platforms": tuple(platforms)} if platforms else {}
@@ -202,8 +203,10 @@ def read(path: str | os.PathLike) -> Translator:
         flat = load_file(str(params_file))
     except (SafetensorError, OSError) as e:
         raise ExportError(f"{params_file} is unreadable ({e}); export the model again") from None
-    tree = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
-    _check_params(config, tree, params_file)
+    why = params_io.mismatch(layout.shapes(config), {k: tuple(v.shape) for k, v in flat.items()})
+    if why:
+        raise ExportError(f"{params_file} does not match the model in its config.json: {why}")
+    tree = params_io.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
     run_config = default_config()  # what the export kept of its run: data files and languages, BLEU tokenizer
     for key, value in (meta.get("data") or {}).items():
         if key in run_config.data:
@@ -212,18 +215,6 @@ def read(path: str | os.PathLike) -> Translator:
         run_config.train.bleu_tokenize = meta["bleu_tokenize"]
     return Translator(Transformer(config), {"params": tree}, tokenizer, meta.get("decode", {}), str(path),
                       config=run_config)
-
-
-def _check_params(config: TransformerConfig, tree, params_file) -> None:
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"]
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-    got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-    if want != got:
-        missing = sorted(set(want) - set(got))[:5]
-        extra = sorted(set(got) - set(want))[:5]
-        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:5]
-        raise ExportError(f"{params_file} does not match the model in its config.json: missing {missing}, "
-                          f"unexpected {extra}, wrong shape {wrong}")
 
 
 def load_jax_export(path: str | os.PathLike):

@@ -1,4 +1,5 @@
-"""A model directory written all at once: into a temporary sibling, renamed into place when complete."""
+"""A model directory written all at once, into a folder that is absent or empty (the one rule for every format):
+into a temporary sibling, renamed into place when complete."""
 
 from __future__ import annotations
 
@@ -6,13 +7,30 @@ import contextlib
 import os
 import pathlib
 import shutil
+from typing import Callable
+
+from jaxformer.io.errors import ExportError
+
+
+def check_output_dir(out: pathlib.Path, error: type[ExportError] = ExportError,
+                     replaceable: Callable[[pathlib.Path], bool] | None = None) -> None:
+    """Raise `error` unless `out` is absent, an empty directory, or one that `replaceable` accepts (a jaxformer
+    export may be written over another)."""
+    if out.exists() and not out.is_dir():
+        raise error(f"{out} exists and is not a directory; give a new (or empty) directory to write to")
+    if out.is_dir() and any(out.iterdir()) and not (replaceable is not None and replaceable(out)):
+        what = "is not empty" if replaceable is None else "is not empty and not an export directory"
+        raise error(f"{out} exists and {what}; give a new (or empty) directory to write to")
 
 
 @contextlib.contextmanager
-def staged_directory(out: pathlib.Path):
-    """Yield an empty temporary sibling of `out` to write into. When the block ends normally it becomes `out`
-    (a directory already there is removed only after the swap); when it raises, it is removed and `out` is
-    left as it was. Whether `out` may be replaced is the caller's check, made before."""
+def staged_directory(out: pathlib.Path, error: type[ExportError] = ExportError,
+                     replaceable: Callable[[pathlib.Path], bool] | None = None):
+    """Yield an empty temporary sibling of `out` to write into, once `check_output_dir` allows `out`. When the
+    block ends normally it becomes `out` (a directory already there is removed only after the swap); when it
+    raises, it is removed and `out` is left as it was. Writers call `check_output_dir` first as well, to fail
+    before their slow work."""
+    check_output_dir(out, error, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

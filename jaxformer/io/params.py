@@ -1,0 +1,35 @@
+"""The params tree as the formats store it: flat '/'-joined paths to numpy arrays, checked against the layout."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+def unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The tree itself, from {"params": tree} (what init and checkpoints give) or the bare tree."""
+    return params["params"] if "params" in params else params
+
+
+def flatten(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """'/'-joined path -> numpy array (on the host), of {"params": tree} or the bare tree."""
+    flat = traverse_util.flatten_dict(jax.device_get(unwrap(params)), sep="/")
+    return {key: np.asarray(value) for key, value in flat.items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """The nested tree of '/'-joined paths."""
+    return traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
+
+
+def mismatch(want: Mapping[str, tuple], got: Mapping[str, tuple]) -> str | None:
+    """What differs between two path -> shape maps (the first few of each), or None when they are equal."""
+    if dict(want) == dict(got):
+        return None
+    missing = sorted(set(want) - set(got))[:5]
+    extra = sorted(set(got) - set(want))[:5]
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:5]
+    return f"missing {missing}, unexpected {extra}, wrong shape {wrong}"
