@@ -1,14 +1,18 @@
 """The Transformer of "Attention Is All You Need" in JAX/Flax. `jaxformer.load(path)` gives a Translator."""
 
 
-def load(path, *, step=None, average_last=None):
-    """The `Translator` of a run directory or an export directory (see `jaxformer.io.load`). On a CPU, when
+def load(path, *, step=None, average_last=None, best=False, average_best=None):
+    """The `Translator` of a run directory or an export directory (see `jaxformer.io.load`); of a run,
+    `best=True` gives its best checkpoint by validation and `average_best=K` the average of its K best
+    (train.best_metric, kept by train.keep_best). On a CPU, when
     JAX has not started yet, every core becomes a JAX device first (`parallel.use_every_cpu_core`), so that
     the Translator's searches use them all, as the CLI's do; computations of one's own still default to
     device 0."""
     from jaxformer import parallel
-    from jaxformer.io import load as load_model
+    from jaxformer.io import load as load_model, runs
 
     parallel.use_every_cpu_core()
-
+    count = runs.best_count(path, step=step, average_last=average_last, best=best, average_best=average_best)
+    if count:
+        return runs.read(path, best=count)
     return load_model(path, step=step, average_last=average_last)

@@ -7,7 +7,7 @@ A run directory ("workdir") holds:
     checkpoints/<step>/  one orbax checkpoint per kept step, with the items
         params/            the model variables {"params": ...}, float32
         opt_state/         the optimizer state
-        meta/              JSON: step, the run's PRNG key data
+        meta/              JSON: step, the run's PRNG key data, the validation bookkeeping (`jaxformer.choose`)
         data/              JSON: each process's training data iterator position
     metrics.jsonl        one JSON object per logged step / evaluation
     metrics.dropped.jsonl  records of steps a resumed run redid (kept, not deleted)
@@ -22,7 +22,8 @@ every item is written, so a run killed mid-save leaves a tmp folder that is neve
 does not restore (missing or damaged files) is reported, moved aside, and the previous one is used.
 
 Averaging the last K checkpoints (Section 6.1: 5 for base, 20 for big) is `load_averaged(average_last=K)`;
-from the shell: `python -m jaxformer.checkpoint average --workdir W --last K --out DIR`.
+from the shell: `python -m jaxformer.checkpoint average --workdir W --last K --out DIR`. `best=K`: the K best
+by validation (`jaxformer.choose`), which rotation spares with train.keep_best >= K.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxformer.choose import Choice, best_first
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ class Restored:
     opt_state: Any
     rng: np.ndarray  # PRNG key data (uint32)
     data_state: dict
+    choice: dict | None = None  # the validation bookkeeping (`jaxformer.choose.Choice.state_dict`), if saved
 
 
 def _abstract(tree: Any) -> Any:
@@ -157,16 +161,16 @@ def _single_device_abstract(metadata: Any) -> Any:
 class CheckpointStore:
     """The orbax `CheckpointManager` of one run directory's `checkpoints/`, with fallback on bad steps."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 5, async_save: bool = True,
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 5, keep_best: int = 0, async_save: bool = True,
                  read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
-        self.read_only = read_only
+        self.read_only, self.keep, self.keep_best = read_only, keep, keep_best
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints: {self.directory} does not exist")
         if not read_only:
             self._remove_partial()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 and not read_only else None,
+            max_to_keep=keep if keep and keep > 0 and not read_only and not keep_best else None,  # else save()
             save_interval_steps=0 if read_only else 1,  # orbax warns unless a reader says it saves nothing
             enable_async_checkpointing=async_save,
             create=not read_only,
@@ -197,14 +201,22 @@ class CheckpointStore:
         """Steps with a complete (renamed) checkpoint, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, *, params: Any, opt_state: Any, rng: Any, data_state: dict) -> None:
+    def save(self, step: int, *, params: Any, opt_state: Any, rng: Any, data_state: dict,
+             choice: Choice | None = None) -> None:
         """Start writing checkpoint `step` (in the background when async); `wait()` to be sure it landed."""
         meta = {"step": int(step), "rng": np.asarray(jax.device_get(rng)).astype(np.uint32).tolist()}
+        if choice is not None:
+            meta["choice"] = choice.state_dict()
         args = ocp.args.Composite(params=ocp.args.StandardSave(params),
                                   opt_state=ocp.args.StandardSave(opt_state),
                                   meta=ocp.args.JsonSave(meta),
                                   data=ocp.args.JsonSave(data_state))
         self._manager.save(int(step), args=args, force=True)
+        if self.keep_best:  # rotation: the `keep` newest and the `keep_best` best by the processes' agreed choice
+            steps = sorted(set(self.steps) | {int(step)})
+            spared = set(steps[-self.keep:]) | set(choice.ranked(steps)[:self.keep_best] if choice else ())
+            for old in (s for s in steps if s not in spared):
+                self._manager.delete(old)  # orbax deletes on process 0 and syncs the processes
 
     def restore(self, step: int, *, params_like: Any = None, opt_state_like: Any = None) -> Restored:
         """Checkpoint `step`, arrays placed like `params_like` / `opt_state_like` (live or abstract trees).
@@ -239,7 +251,18 @@ class CheckpointStore:
             raise self._unreadable(step, e) from e
         return Restored(step=step, params=restored["params"],
                         opt_state=restored["opt_state"] if opt_state_like is not None else None,
-                        rng=np.asarray(meta["rng"], dtype=np.uint32), data_state=data_state)
+                        rng=np.asarray(meta["rng"], dtype=np.uint32), data_state=data_state,
+                        choice=meta.get("choice"))
+
+    def choice(self) -> Choice | None:
+        """The validation bookkeeping of the newest readable checkpoint that holds it (None if none does)."""
+        for step in reversed(self.steps):
+            try:
+                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                return Choice.from_state_dict(meta["choice"])
+            except Exception as e:  # noqa: BLE001 - unreadable or without it: an older one may hold it
+                log.debug("%s", self._unreadable(step, e))
+        return None
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         message = " ".join(str(error).split())[:300]
@@ -333,15 +356,18 @@ def average_checkpoints(params_list: Iterable[Any]) -> Any:
 
 
 def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1,
-                  allow_fewer: bool = False) -> tuple[Any, list[int]]:
+                  allow_fewer: bool = False, best: int = 0) -> tuple[Any, list[int]]:
     """The run's parameters ({"params": ...}, float32) at `step` (default: the newest that restores),
     averaged over the `average_last` newest readable checkpoints up to it (Section 6.1), and the steps
-    averaged (ascending). Unreadable checkpoints are logged and skipped.
+    averaged (ascending). Unreadable checkpoints are logged and skipped. With `best` = K: the K best
+    checkpoints by the run's validation metric instead (train.best_metric, kept by train.keep_best).
 
     With `allow_fewer`, a run that kept fewer readable checkpoints than `average_last` averages those it
     has (with a warning) instead of failing: what a default should do; an explicit request fails.
     """
-    if average_last < 1:
+    if best and (step is not None or average_last != 1):
+        raise ValueError("the best checkpoints are chosen by validation, not by step or recency: give best alone")
+    if (average_last := best or average_last) < 1:
         raise ValueError(f"average_last must be >= 1, got {average_last}")
     directory = pathlib.Path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -354,7 +380,7 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
                 raise CheckpointError(f"no checkpoint for step {step} in {directory}; kept steps: {steps}")
             steps = [s for s in steps if s <= step]
         mean, used, skipped = _RunningMean(), [], []
-        for s in reversed(steps):
+        for s in (best_first(store.choice(), steps, best, workdir) if best else reversed(steps)):
             if len(used) == average_last:
                 break
             try:

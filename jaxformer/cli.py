@@ -5,6 +5,7 @@
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
                        [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
+    jaxformer evaluate --model RUN --split valid --sweep average_last=1,5,10 length_penalty=0.6,0.8,1.0
     jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer|ctranslate2|marian]
                      [--quantization int8] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
@@ -14,7 +15,7 @@
 
 `--model` takes an export directory or a training workdir (detected by its contents, through
 `jaxformer.load`). A workdir gives the average of its last `train.average_last` checkpoints unless
---average-last or --step says otherwise.
+--average-last or --step says otherwise; --best / --average-best K choose by validation (train.keep_best).
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "train.average_last, fewer if fewer were kept; paper: 5 base, 20 big)")
     p.add_argument("--step", type=int, default=None,
                    help="use the checkpoint of this step (workdir only; with --average-last K: the K up to it)")
+    p.add_argument("--best", action="store_true",
+                   help="use the run's best checkpoint by validation (train.best_metric; needs train.keep_best)")
+    p.add_argument("--average-best", type=int, default=None, metavar="K",
+                   help="average the run's K best checkpoints by validation (needs train.keep_best >= K)")
+
+
+def _load(args):
+    """The model --model names, chosen by --step / --average-last, or by validation (--best, --average-best)."""
+    from jaxformer.io import load, runs
+
+    best = runs.best_count(args.model, step=args.step, average_last=args.average_last, best=args.best,
+                           average_best=args.average_best)
+    return runs.read(args.model, best=best) if best else load(args.model, step=args.step,
+                                                              average_last=args.average_last)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -175,9 +190,7 @@ def _chunks(lines, size: int):
 def _cmd_translate(args) -> int:
     import contextlib
 
-    from jaxformer.io import load
-
-    translator = load(args.model, step=args.step, average_last=args.average_last)
+    translator = _load(args)
     overrides = _decode_overrides(args)
     batch_size = int(args.batch_size or translator.decode["batch_size"])
     if args.sampling is not None:
@@ -264,10 +277,8 @@ def _cmd_score(args) -> int:
     import contextlib
     import json
 
-    from jaxformer.io import load
-
     sources, targets = _read_pairs(args.src, args.tgt)
-    translator = load(args.model, step=args.step, average_last=args.average_last)
+    translator = _load(args)
     results = translator.score(sources, targets, length_penalty=args.length_penalty, batch_size=args.batch_size,
                                full_softmax=args.full_softmax)
     with contextlib.ExitStack() as stack:
@@ -316,8 +327,23 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     from jaxformer.evaluate import run_evaluation
 
     data_overrides = parse_overrides(extra, "data", default_config().data.to_dict())
+    if args.sweep is not None:
+        from jaxformer.evaluate import parse_sweep, run_sweep
+
+        if args.tok_refs is not None or args.compound_split:
+            raise ValueError("--sweep scores cased BLEU (tokenized BLEU with --tokenized): drop --tok-refs and "
+                             "--compound-split, and score the chosen settings with them once")
+        _, table = run_sweep(args.model, parse_sweep(args.sweep), args.out, split=args.split, src_file=args.src,
+                             ref_file=args.ref, data_overrides=data_overrides, limit=args.limit,
+                             tokenize=args.tokenize, tokenized=args.tokenized,
+                             decode_overrides=_decode_overrides(args), step=args.step,
+                             average_last=args.average_last, best=args.best,
+                             average_best=args.average_best)
+        print(table, end="")
+        return 0
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
-                            average_last=args.average_last, step=args.step, data_overrides=data_overrides,
+                            average_last=args.average_last, step=args.step, best=args.best,
+                            average_best=args.average_best, data_overrides=data_overrides,
                             decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
                             tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split)
     print(result.lines(), end="")
@@ -327,7 +353,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
 def _cmd_export(args) -> int:
     from jaxformer import io
 
-    translator = io.load(args.model, step=args.step, average_last=args.average_last)
+    translator = _load(args)
     options = {}
     if args.jax_export:
         options = dict(jax_export=True, jax_export_src_len=args.jax_export_src_len,
@@ -345,10 +371,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from jaxformer.io import load
     from jaxformer.plotting import attention_maps, plot_attention
 
-    translator = load(args.model, step=args.step, average_last=args.average_last)
+    translator = _load(args)
     maps = attention_maps(translator.model, translator.params, translator.tokenizer, args.sentence,
                           translation=args.translation, beam_size=args.beam_size or translator.decode["beam_size"],
                           alpha=translator.decode["length_penalty"])
@@ -440,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenized files): also score tokenized BLEU, output and references as they are (multi-bleu)")
     p.add_argument("--tok-refs", default=None, metavar="FILE", help="lowercased Moses-tokenized references of the "
                    "test set: also score the raw output lowercased, normalised and Moses-tokenized against them")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="score every combination, e.g. --split valid --sweep average_last=1,5,10 "
+                        "length_penalty=0.6,0.8,1.0 (or average_best=..., any decode option), print the table "
+                        "and the best; writes sweep.json")
     p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "
                    "Moses-tokenized, hyphens split as tensor2tensor's get_ende_bleu.sh")
     _add_decode_args(p)

@@ -15,6 +15,7 @@ import ml_collections
 
 STOP_RULES = ("bound", "finished")  # decode.stop: beam search's stopping rules (`jaxformer.decode.beam_search`)
 DECODE_PARALLEL = ("auto", "split", "batches")  # decode.parallel: how a search uses several local devices
+BEST_METRICS = {"bleu": True, "loss": False, "nll": False}  # train.best_metric: is higher better? (jaxformer.choose)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -107,6 +108,11 @@ def default_config() -> ml_collections.ConfigDict:
     t.checkpoint_every_minutes = 0.0  # 0: by steps only
     t.keep_checkpoints = 5
     t.average_last = 5              # checkpoints averaged for the final model (paper: 5 base, 20 big)
+    t.best_metric = "auto"          # the validation metric that chooses the best step: "bleu" (higher is better),
+    #                                 "loss" or "nll" (lower); "auto": bleu when eval_bleu_sentences > 0, else nll
+    t.keep_best = 0                 # the K best checkpoints by best_metric, kept besides the last ones (every
+    #                                 validation then saves a checkpoint); they give --best / --average-best
+    t.early_stopping_patience = 0   # stop after this many validations without improvement; 0: never
     t.async_checkpointing = True
     t.progress_bar = True
     t.plot = True                   # write curves.png into the workdir
@@ -170,6 +176,14 @@ def check_train_config(train_cfg) -> None:
     need(t.average_last >= 1, "average_last", "must be >= 1 (1: no averaging)")
     need(t.average_last <= t.keep_checkpoints, "average_last",
          f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
+    need(t.best_metric == "auto" or t.best_metric in BEST_METRICS, "best_metric",
+         f"must be auto, {', '.join(BEST_METRICS)}")
+    need(t.best_metric != "bleu" or t.eval_bleu_sentences > 0, "best_metric",
+         "needs validation BLEU: set train.eval_bleu_sentences > 0, or choose by loss or nll")
+    need(t.keep_best >= 0, "keep_best", "must be >= 0 (0: keep only the last checkpoints)")
+    need(t.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0 (0: never stop early)")
+    need(t.early_stopping_patience == 0 or t.eval_every > 0, "early_stopping_patience",
+         "needs validations during training: set train.eval_every > 0")
     need(t.distributed in ("auto", "on", "off"), "distributed", "must be 'auto', 'on' or 'off'")
     need(t.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0 (seconds)")
     need(t.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0 (seconds)")

@@ -7,7 +7,9 @@ BLEU of raw output against tokenized references, and the compound-split BLEU of 
 go into bleu.json. `evaluate_texts` translates and scores; `run_evaluation` is the `jaxformer evaluate`
 command: a run's averaged checkpoints (its `train.average_last` by default), one checkpoint, or an export
 directory; a test split of the run's data (hub or local files, read by `jaxformer.data.load_split`) or
-explicit --src/--ref files; an output directory for the hypotheses and the scores.
+explicit --src/--ref files; an output directory for the hypotheses and the scores. `run_sweep` is
+`jaxformer evaluate --sweep`: the settings a recipe reports (checkpoints averaged, length penalty, ...)
+chosen by a command on the validation split, not by hand.
 
 Every line of the test set is scored, as sacreBLEU and the papers do: unlike training,
 which skips pairs with an empty side or a U+FFFD (undecodable bytes), evaluation keeps
@@ -25,8 +27,9 @@ from typing import Any, Mapping, Sequence
 
 from jaxformer.bleu import BleuResult, bleu_scores, compound_split_bleu, corpus_bleu, moses_lc_bleu, tokenized_bleu
 
+# (the first three live in jaxformer.bleu; kept here for existing callers)
 __all__ = ["corpus_bleu", "bleu_scores", "BleuResult", "evaluate_texts", "run_evaluation", "read_lines",
-           "read_test_lines"]  # (the first three live in jaxformer.bleu; kept here for existing callers)
+           "read_test_lines", "parse_sweep", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +70,48 @@ def count_bad_lines(sources: Sequence[str], references: Sequence[str]) -> dict[s
     return {"empty": empty, "bad_utf8": bad}
 
 
+def _test_set(config, split: str, src_file: str | None, ref_file: str | None,
+              data_overrides: Mapping[str, Any] | None, limit: int | None) -> tuple[list[str], list[str], str, str]:
+    """(sources, references, where they come from, a name for the output files): --src/--ref, or a split."""
+    if (src_file is None) != (ref_file is None):
+        raise ValueError("give both --src and --ref, or neither (then the run's data.* config is used)")
+    if src_file is not None:
+        sources, references = read_lines(src_file), read_lines(ref_file)
+        if len(sources) != len(references):
+            raise ValueError(f"{src_file} has {len(sources)} lines but {ref_file} has {len(references)}")
+        origin, name = f"{src_file} / {ref_file}", pathlib.Path(src_file).stem or split
+    else:
+        for key, value in (data_overrides or {}).items():
+            config.data[key] = value
+        sources, references = read_test_lines(config.data, split, limit)
+        origin, name = f"split {split!r} of data.source={config.data.source}", split
+    if limit is not None:
+        sources, references = sources[:limit], references[:limit]
+    if not sources:
+        raise ValueError(f"no sentences to evaluate in {origin}")
+    return sources, references, origin, name
+
+
 def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, split: str = "test",
                    src_file: str | None = None, ref_file: str | None = None, average_last: int | None = None,
-                   step: int | None = None, data_overrides: Mapping[str, Any] | None = None,
+                   step: int | None = None, best: bool = False, average_best: int | None = None,
+                   data_overrides: Mapping[str, Any] | None = None,
                    decode_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
                    tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
                    compound_split: bool = False, lang: str | None = None) -> BleuResult:
     """Translate a test set and write `out_dir/{split}.hyp` (one line per source), `bleu.json` and `bleu.txt`.
 
     A workdir is evaluated as the average of its last `train.average_last` checkpoints unless `average_last`
-    or `step` says otherwise. Every line is scored (see the module docstring). Without `tokenize`, sacreBLEU's
-    tokenizer is the run's `train.bleu_tokenize` (default 13a). Beside the cased and lowercased scores:
-    `tokenized` (the model writes tokenized text, e.g. trained on Multi30k's tok/ files) adds tokenized BLEU
-    against the references as they are; `tok_refs` (a file of lowercased Moses-tokenized references aligned
+    or `step` says otherwise, or `best` (its best checkpoint by validation) / `average_best` (its K best).
+    Every line is scored (see the module docstring). Without `tokenize`, sacreBLEU's tokenizer is the run's
+    `train.bleu_tokenize` (default 13a). Beside the cased and lowercased scores: `tokenized` (the model
+    writes tokenized text, e.g. trained on Multi30k's tok/ files) adds tokenized BLEU against the references
+    as they are; `tok_refs` (a file of lowercased Moses-tokenized references aligned
     with the test set) adds the Moses-tokenized lowercased BLEU of raw output; `compound_split` adds the
     Transformer paper's compound-split BLEU. `lang` (Moses' language) defaults to the run's data.tgt_lang.
     Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`."""
     from jaxformer.config import default_config
-    from jaxformer.io import load
+    from jaxformer.io import load, runs
 
     if tokenized and tok_refs is not None:
         raise ValueError("--tok-refs scores raw-text output, which it tokenizes; with --tokenized the output is "
@@ -96,29 +123,13 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
                              "e.g. ../shared/data/multi30k/tok/test2016.lc.norm.tok.de)")
         tokenized_references = read_lines(tok_refs)
     model_path = pathlib.Path(model_path)
-    translator = load(model_path, step=step, average_last=average_last)
+    count = runs.best_count(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
+    translator = runs.read(model_path, best=count) if count else load(model_path, step=step, average_last=average_last)
     config = translator.config if translator.config is not None else default_config()
     lang = lang or config.data.tgt_lang
     if tokenize is None:
         tokenize = config.train.get("bleu_tokenize") or None
-    if (src_file is None) != (ref_file is None):
-        raise ValueError("give both --src and --ref, or neither (then the run's data.* config is used)")
-    if src_file is not None:
-        sources, references = read_lines(src_file), read_lines(ref_file)
-        if len(sources) != len(references):
-            raise ValueError(f"{src_file} has {len(sources)} lines but {ref_file} has {len(references)}")
-        origin = f"{src_file} / {ref_file}"
-        name = pathlib.Path(src_file).stem or split
-    else:
-        for key, value in (data_overrides or {}).items():
-            config.data[key] = value
-        sources, references = read_test_lines(config.data, split, limit)
-        origin = f"split {split!r} of data.source={config.data.source}"
-        name = split
-    if limit is not None:
-        sources, references = sources[:limit], references[:limit]
-    if not sources:
-        raise ValueError(f"no sentences to evaluate in {origin}")
+    sources, references, origin, name = _test_set(config, split, src_file, ref_file, data_overrides, limit)
     if tokenized_references is not None:
         if limit is not None:
             tokenized_references = tokenized_references[:limit]
@@ -148,7 +159,8 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     settings.update({k: v for k, v in (decode_overrides or {}).items() if v is not None})
     steps = translator.checkpoint_steps
     info = {**result.to_json(), "model": str(model_path), "checkpoint_steps": steps,
-            "average_last": len(steps) if steps else None, "step": step, "test_set": origin,
+            "average_last": len(steps) if steps and not count else None, "average_best": count or None,
+            "step": step, "test_set": origin,
             **({"tok_refs": str(tok_refs)} if tok_refs is not None else {}),
             "empty_lines": bad["empty"], "bad_utf8_lines": bad["bad_utf8"], "decode": settings,
             "seconds": round(seconds, 2), "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 2)}
@@ -157,3 +169,85 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     log.info("%s (lowercased: %.2f) on %d sentences of %s%s; files in %s", result.text, result.lowercased.score,
              len(sources), origin, f", checkpoint steps {steps}" if steps else "", out)
     return result
+
+
+# A sweep's checkpoint choices (one of them per sweep); every other key is a decode option.
+SWEEP_CHECKPOINTS = ("average_last", "average_best")
+_NOT_SWEPT = ("batch_size", "parallel")  # decode options that change the speed, not the output
+
+
+def parse_sweep(items: Sequence[str]) -> dict[str, list]:
+    """`KEY=V1,V2,...` items -> {key: [values, typed like the key's default]}; one-line errors."""
+    from jaxformer.config import default_config
+
+    decode = {k: v for k, v in default_config().decode.to_dict().items() if k not in _NOT_SWEPT}
+    grid = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not eq or not values:
+            raise ValueError(f"--sweep {item!r}: write KEY=V1,V2,..., e.g. length_penalty=0.6,0.8,1.0")
+        if key not in SWEEP_CHECKPOINTS and key not in decode:
+            raise ValueError(f"--sweep {key}: not a sweepable key; choose among "
+                             f"{', '.join(SWEEP_CHECKPOINTS + tuple(decode))}")
+        kind = int if key in SWEEP_CHECKPOINTS else type(decode[key])
+        try:
+            grid[key] = [kind(v) for v in values]
+        except ValueError:
+            raise ValueError(f"--sweep {key}={text}: expected {kind.__name__} values") from None
+    if len([k for k in grid if k in SWEEP_CHECKPOINTS]) > 1:
+        raise ValueError("--sweep: average_last and average_best are two ways to choose checkpoints; sweep one")
+    return grid
+
+
+def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: str | os.PathLike | None = None, *,
+              split: str = "valid", src_file: str | None = None, ref_file: str | None = None,
+              data_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
+              tokenize: str | None = None, tokenized: bool = False, decode_overrides: Mapping[str, Any] | None = None,
+              **choice) -> tuple[list[dict], str]:
+    """Score every combination of `grid` (`parse_sweep`) on one split (choose on valid, score test once):
+    (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
+    to `out_dir/sweep.json`. The score is cased sacreBLEU, or with `tokenized` tokenized BLEU. `choice`
+    (step, average_last, best, average_best) picks the checkpoints when the grid does not."""
+    import itertools
+
+    from jaxformer.bleu import tokenized_bleu
+    from jaxformer.config import default_config
+    from jaxformer.io import load, runs
+
+    swept = [k for k in grid if k in SWEEP_CHECKPOINTS]
+    if swept and any(v not in (None, False) for v in choice.values()):
+        raise ValueError(f"--sweep {swept[0]}=... chooses the checkpoints: drop --step/--average-last/--best/"
+                         f"--average-best")
+    decode_keys = [k for k in grid if k not in SWEEP_CHECKPOINTS]
+    rows, test_set = [], None
+    for values in itertools.product(*(grid[k] for k in swept)):
+        chosen = dict(zip(swept, values)) or dict(choice)
+        count = runs.best_count(model_path, **chosen)
+        translator = runs.read(model_path, best=count) if count else load(
+            model_path, step=chosen.get("step"), average_last=chosen.get("average_last"))
+        if test_set is None:
+            config = translator.config if translator.config is not None else default_config()
+            test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
+            if tokenize is None:
+                tokenize = config.train.get("bleu_tokenize") or None
+        sources, references, origin, name = test_set
+        for settings in itertools.product(*(grid[k] for k in decode_keys)):
+            decode = dict(zip(decode_keys, settings))
+            row = {**dict(zip(swept, values)), **decode}
+            hypotheses = translator.translate(sources, **{**dict(decode_overrides or {}), **decode})
+            score = (tokenized_bleu(hypotheses, references) if tokenized
+                     else bleu_scores(hypotheses, references, tokenize=tokenize)).score
+            rows.append({**row, "bleu": score, "checkpoint_steps": translator.checkpoint_steps})
+            log.info("sweep %s: BLEU %.2f", row, score)
+    best = max(rows, key=lambda r: r["bleu"])  # ties: the first in grid order
+    keys = [*swept, *decode_keys]
+    lines = ["  ".join(f"{k:>14}" for k in [*keys, "bleu"])]
+    lines += ["  ".join([*(f"{r[k]!s:>14}" for k in keys), f"{r['bleu']:>14.2f}"]) for r in rows]
+    what = "tokenized BLEU" if tokenized else "BLEU"
+    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys)} ({what} {best['bleu']:.2f} on {origin})")
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best},
+                                               indent=2) + "\n")
+    return rows, "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from jaxformer import checkpoint as ckpt
-from jaxformer import parallel
+from jaxformer import choose, parallel
 from jaxformer.config import LEGACY_MODEL_VALUES, check_lengths, check_train_config
 from jaxformer.attention import accelerator_platform
 from jaxformer.io import init_from
@@ -118,7 +118,7 @@ class _Trainer:
         self.steps = Steps.from_config(self.model, self.t, self.mesh)
         self.steps_ahead = self.steps.updates_ahead(int(self.t.grad_accum_steps), _STEPS_AHEAD)
         self.store = ckpt.CheckpointStore(workdir / ckpt.CHECKPOINT_DIR, keep=self.t.keep_checkpoints,
-                                          async_save=self.t.async_checkpointing)
+                                          keep_best=int(self.t.keep_best), async_save=self.t.async_checkpointing)
         self._valid_batches = None
         self._bleu_pairs = None
 
@@ -220,7 +220,8 @@ class _Trainer:
         self.shape_stats: dict = {}
         return _Loop(state=state, start=start, batches=parallel.global_batches(source, self.mesh, self.shape_stats),
                      source=source, metrics=MetricsLog(self.workdir, start, enabled=self.is_chief), bar=bar,
-                     result={"step": start, "workdir": str(self.workdir)})
+                     result={"step": start, "workdir": str(self.workdir)},
+                     choice=choose.resumed(t, restored.choice if restored is not None else None))
 
     def train_step(self, loop: _Loop, step: int) -> None:
         """One update (of train.grad_accum_steps micro-batches), without waiting for the device."""
@@ -272,11 +273,17 @@ class _Trainer:
             raise TrainingError(f"the parameters after step {int(state.step)} are not finite; not saving them. "
                                 f"{self.last_good()} Lower train.lr_scale or set train.grad_clip_norm.")
         self.store.save(int(state.step), params=state.params, opt_state=state.opt_state, rng=state.rng,
-                        data_state={"processes": parallel.allgather_json(loop.source.state_dict())})
+                        data_state={"processes": parallel.allgather_json(loop.source.state_dict())},
+                        choice=loop.choice)
         loop.last_save_time = loop.window_start = time.monotonic()
 
-    def evaluate_and_log(self, loop: _Loop, step: int, params, split: str = "valid") -> None:
+    def evaluate_and_log(self, loop: _Loop, step: int, params, split: str = "valid", choose_best: bool = False):
+        """Validate; with `choose_best`, process 0's value of train.best_metric updates the best step and early
+        stopping on every process (so all agree), and the record says which step is best."""
         values = self.evaluate(params)
+        if choose_best:
+            loop.choice.update(step, parallel.allgather_json(float(values.get(loop.choice.metric, math.nan)))[0])
+            values.update(loop.choice.record())
         loop.metrics.write(split, step, values)
         log.info("step %d %s: %s", step, split, fmt(values))
         loop.result.update({f"{split}_{k}": v for k, v in values.items()})
@@ -299,6 +306,10 @@ class _Trainer:
             log.info("workdir %s already holds step %d >= train.steps=%d: evaluating only", self.workdir,
                      loop.start, t.steps)
             self.evaluate_and_log(loop, loop.start, loop.state.params)
+        record, message = loop.choice.end(int(loop.result["step"]), int(t.steps))
+        log.info("%s", message)
+        loop.metrics.write("end", int(loop.result["step"]), record)
+        loop.result.update(stop_reason=record["reason"], best_step=loop.choice.best_step)
         self.store.wait()
         if self.shape_stats.get("padded"):
             loop.result["batches_padded_to_agree"] = self.shape_stats["padded"]
@@ -378,6 +389,7 @@ class _Loop:
     window_start: float = dataclasses.field(default_factory=time.monotonic)
     last_save_time: float = dataclasses.field(default_factory=time.monotonic)
     vote: Any = None  # several processes: the stop vote started after the previous step
+    choice: choose.Choice | None = None  # the best step by validation, early stopping (`jaxformer.choose`)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -390,7 +402,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     try:
         redirect = logging_redirect_tqdm() if not loop.bar.disable else contextlib.nullcontext()
         with redirect, StopSignals() as stop:  # log lines go above the progress bar
-            for step in range(loop.start + 1, t.steps + 1):
+            if loop.choice.should_stop:
+                log.info("the run stopped early at step %d (train.early_stopping_patience=%d): nothing to train",
+                         loop.choice.stopped_at, t.early_stopping_patience)
+            for step in range(loop.start + 1, t.steps + 1 if not loop.choice.should_stop else 0):
                 trainer.train_step(loop, step)
                 last = step == t.steps
                 stopping = trainer.stop_requested(loop, stop)
@@ -398,11 +413,14 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 evaluate = last or bool(t.eval_every and step % t.eval_every == 0)
                 if last or save or evaluate or step % t.log_every == 0:
                     trainer.log_window(loop)
-                if save:
+                if evaluate:  # before the save, whose meta holds the choice this validation updates
+                    trainer.evaluate_and_log(loop, step, loop.state.params, choose_best=True)
+                early = loop.choice.stopped_at == step
+                if save or early or (evaluate and t.keep_best):  # keep_best ranks the validated checkpoints
                     trainer.save(loop)
-                if evaluate:
-                    trainer.evaluate_and_log(loop, step, loop.state.params)
                 loop.result["step"] = step
+                if early:
+                    break
                 if stopping and not last:
                     trainer.stop(stop, step)
             trainer.finish(loop)

@@ -28,8 +28,12 @@ def bundle():
     return trained_copy_model()
 
 
-def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.0, 2.0)):
-    """A run directory whose checkpoints 1, 2, 3 hold the copy model's parameters times `scales`."""
+def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.0, 2.0), bleu=None):
+    """A run directory whose checkpoints 1, 2, 3 hold the copy model's parameters times `scales` (and, with
+    `bleu`, made-up validation BLEU per step, as train.keep_best records it)."""
+    from jaxformer.choose import Choice
+
+    choice = Choice(metric="bleu") if bleu else None
     model, params, tokenizer = bundle
     config = default_config()
     for key, value in model.config.to_dict().items():
@@ -42,9 +46,11 @@ def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.
     tokenizer.save(str(workdir / "vocab.model"))
     store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)
     for step, scale in enumerate(scales, start=1):
+        if choice:
+            choice.update(step, bleu[step - 1])
         store.save(step, params=jax.tree.map(lambda x: scale * x, params),
                    opt_state={"count": np.zeros((), np.int32)},
-                   rng=jax.random.key_data(jax.random.key(0)), data_state={})
+                   rng=jax.random.key_data(jax.random.key(0)), data_state={}, choice=choice)
     store.wait()
     store.close()
     return workdir
@@ -100,6 +106,36 @@ def test_evaluate_a_run_averages_its_last_k_by_default(bundle, tmp_path, capsys)
     assert only.checkpoint_steps == [2] and first_kernel(only.params) == 0.0
     assert cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "exported")]) == 0
     assert "checkpoint steps 2, 3, averaged" in capsys.readouterr().out
+
+
+def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_path, capsys):
+    model, params, _ = bundle
+    test = tmp_path / "test"
+    write_split(test, [s.encode() for s in SENTENCES], [s.encode() for s in SENTENCES])
+    run = make_run(bundle, tmp_path / "run", average_last=1, test_prefix=test, scales=(5.0, 0.0, 2.0),
+                   bleu=(10.0, 30.0, 20.0))
+    assert cli.main(["evaluate", "--model", str(run), "--best", "--out", str(tmp_path / "best")]) == 0
+    info = json.loads((tmp_path / "best" / "bleu.json").read_text())
+    assert info["checkpoint_steps"] == [2] and info["average_best"] == 1
+    assert cli.main(["export", "--model", str(run), "--average-best", "2", "--out", str(tmp_path / "exported")]) == 0
+    assert "checkpoint steps 2, 3, averaged" in capsys.readouterr().out
+    averaged = load_translator(tmp_path / "exported")
+    assert first_kernel(averaged.params) == pytest.approx(first_kernel(params), rel=1e-6)  # (0 + 2) / 2 times
+    assert cli.main(["evaluate", "--model", str(run), "--average-best", "4"]) == 1
+    assert "keeps 3 of the 4 best checkpoints by validation bleu" in capsys.readouterr().err
+    # A sweep scores every combination on one split, prints the table and the best row.
+    assert cli.main(["evaluate", "--model", str(run), "--split", "test", "--sweep", "average_last=1,2",
+                     "length_penalty=0.6,1.0", "--out", str(tmp_path / "sweep")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["average_last", "length_penalty", "bleu"] and len(printed) == 6
+    assert [line.split()[:2] for line in printed[1:5]] == [["1", "0.6"], ["1", "1.0"], ["2", "0.6"], ["2", "1.0"]]
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    best = max(saved["rows"], key=lambda r: r["bleu"])
+    assert best["checkpoint_steps"] == [2, 3] and best["bleu"] > 80  # the average is the copy model
+    assert printed[5].startswith(f"chosen: average_last=2 length_penalty={best['length_penalty']} (BLEU ")
+    assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_last=1", "--best"]) == 1
+    assert cli.main(["evaluate", "--model", str(run), "--sweep", "length_penalty=x"]) == 1
+    assert "--sweep length_penalty=x: expected float values" in capsys.readouterr().err
 
 
 def test_a_run_with_fewer_checkpoints_than_average_last_averages_what_it_has(bundle, tmp_path, caplog):

@@ -78,7 +78,7 @@ STAGES = {
     "jaxformer.ops": 0, "jaxformer.config": 0, "jaxformer.synthetic": 0, "jaxformer.preemption": 0,
     "jaxformer.metrics": 0, "jaxformer.bleu": 0, "jaxformer.parseval": 0, "jaxformer.loss": 0, "jaxformer.optim": 0,
     "jaxformer.parallel": 0, "jaxformer.grammar": 0,
-    "jaxformer.attention": 1, "jaxformer.data": 1, "jaxformer.layout": 1,
+    "jaxformer.attention": 1, "jaxformer.data": 1, "jaxformer.choose": 1, "jaxformer.layout": 1,
     "jaxformer.decode_cache": 2,
     "jaxformer.model": 3,
     "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4, "jaxformer.alignment": 4,

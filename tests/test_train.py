@@ -432,7 +432,7 @@ def test_run_writes_the_workdir_layout(reference_run):
     assert [r["step"] for r in train] == list(range(1, 15))
     assert {"loss", "nll", "ppl", "lr", "tokens_per_sec", "grad_norm"} <= set(train[0])
     assert train[0]["lr"] == pytest.approx(float(learning_rate_schedule(32, 4, 2.0)(0)))
-    assert [r["split"] for r in records if r["split"] != "train"] == ["valid", "valid_avg"]
+    assert [r["split"] for r in records if r["split"] != "train"] == ["valid", "end", "valid_avg"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "resumed" not in (workdir / "train.log").read_text()

@@ -17,12 +17,32 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / checkpoint.CHECKPOINT_DIR).is_dir()
 
 
-def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: int | None = None) -> Translator:
+def best_count(path: str | os.PathLike, *, step: int | None = None, average_last: int | None = None,
+               best: bool = False, average_best: int | None = None) -> int:
+    """How many of a run's best checkpoints by validation a load asks for (`best`: 1, `average_best`: K; 0:
+    none), with a one-line error for choices that conflict or a path that is not a training workdir."""
+    if best and average_best is not None:
+        raise ValueError("--best is --average-best 1: give one of them")
+    if average_best is not None and average_best < 1:
+        raise ValueError(f"--average-best must be >= 1, got {average_best}")
+    count = 1 if best else int(average_best or 0)
+    if count and (step is not None or average_last is not None):
+        raise ValueError(f"{'--best' if best else '--average-best'} chooses checkpoints by validation, "
+                         f"--average-last / --step by recency: give one of them")
+    if count and not is_run_dir(path):
+        raise ValueError(f"{path} is not a training workdir (no checkpoints/): --best / --average-best choose "
+                         f"among a run's checkpoints")
+    return count
+
+
+def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: int | None = None,
+         best: int = 0) -> Translator:
     """The `Translator` of a trained run.
 
     `average_last=None` is the run's own default: the average of its last `train.average_last` checkpoints
     (fewer if fewer were kept), or with `step` that step's checkpoint alone. An explicit `average_last`
-    must be met. The paper reports averaged models.
+    must be met. The paper reports averaged models. `best` = K: the average of the K best checkpoints by
+    the run's validation metric (K=1: the best one; see `best_count`).
     """
     from jaxformer.data import get_tokenizer
     from jaxformer.data.marian_vocab import DIRNAME
@@ -32,10 +52,14 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
     if not vocab.is_file() and not (pathlib.Path(workdir) / DIRNAME).is_dir():  # a fine-tuned Marian model
         raise checkpoint.CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
     tokenizer = get_tokenizer(config, str(workdir))
-    default = average_last is None
-    if default:
-        average_last = 1 if step is not None else max(1, int(config.train.average_last))
-    params, steps = checkpoint.load_averaged(workdir, step=step, average_last=average_last, allow_fewer=default)
+    default = average_last is None and not best
+    if best:
+        params, steps = checkpoint.load_averaged(workdir, step=step, average_last=average_last or 1, best=best)
+        log.info("%s: the %d best checkpoint(s) by validation: steps %s", workdir, best, steps)
+    else:
+        if default:
+            average_last = 1 if step is not None else max(1, int(config.train.average_last))
+        params, steps = checkpoint.load_averaged(workdir, step=step, average_last=average_last, allow_fewer=default)
     if default and average_last > 1:
         log.info("%s: averaged checkpoint steps %s (the run's train.average_last=%d; --average-last overrides)",
                  workdir, steps, average_last)
