@@ -9,10 +9,7 @@ def load(path, *, step=None, average_last=None, best=False, average_best=None):
     the Translator's searches use them all, as the CLI's do; computations of one's own still default to
     device 0."""
     from jaxformer import parallel
-    from jaxformer.io import load as load_model, runs
+    from jaxformer.io import load as load_model
 
     parallel.use_every_cpu_core()
-    count = runs.best_count(path, step=step, average_last=average_last, best=best, average_best=average_best)
-    if count:
-        return runs.read(path, best=count)
-    return load_model(path, step=step, average_last=average_last)
+    return load_model(path, step=step, average_last=average_last, best=best, average_best=average_best)

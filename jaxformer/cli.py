@@ -57,12 +57,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     """The model --model names, chosen by --step / --average-last, or by validation (--best, --average-best)."""
-    from jaxformer.io import load, runs
+    from jaxformer.io import load
 
-    best = runs.best_count(args.model, step=args.step, average_last=args.average_last, best=args.best,
-                           average_best=args.average_best)
-    return runs.read(args.model, best=best) if best else load(args.model, step=args.step,
-                                                              average_last=args.average_last)
+    return load(args.model, step=args.step, average_last=args.average_last, best=args.best,
+                average_best=args.average_best)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:

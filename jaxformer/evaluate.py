@@ -111,7 +111,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     Transformer paper's compound-split BLEU. `lang` (Moses' language) defaults to the run's data.tgt_lang.
     Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`."""
     from jaxformer.config import default_config
-    from jaxformer.io import load, runs
+    from jaxformer.io import load
 
     if tokenized and tok_refs is not None:
         raise ValueError("--tok-refs scores raw-text output, which it tokenizes; with --tokenized the output is "
@@ -123,8 +123,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
                              "e.g. ../shared/data/multi30k/tok/test2016.lc.norm.tok.de)")
         tokenized_references = read_lines(tok_refs)
     model_path = pathlib.Path(model_path)
-    count = runs.best_count(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
-    translator = runs.read(model_path, best=count) if count else load(model_path, step=step, average_last=average_last)
+    translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
     config = translator.config if translator.config is not None else default_config()
     lang = lang or config.data.tgt_lang
     if tokenize is None:
@@ -158,6 +157,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     settings = dict(translator.decode)
     settings.update({k: v for k, v in (decode_overrides or {}).items() if v is not None})
     steps = translator.checkpoint_steps
+    count = 1 if best else average_best  # the checkpoints chosen by validation, if any
     info = {**result.to_json(), "model": str(model_path), "checkpoint_steps": steps,
             "average_last": len(steps) if steps and not count else None, "average_best": count or None,
             "step": step, "test_set": origin,
@@ -213,7 +213,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
 
     from jaxformer.bleu import tokenized_bleu
     from jaxformer.config import default_config
-    from jaxformer.io import load, runs
+    from jaxformer.io import load
 
     swept = [k for k in grid if k in SWEEP_CHECKPOINTS]
     if swept and any(v not in (None, False) for v in choice.values()):
@@ -223,9 +223,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     rows, test_set = [], None
     for values in itertools.product(*(grid[k] for k in swept)):
         chosen = dict(zip(swept, values)) or dict(choice)
-        count = runs.best_count(model_path, **chosen)
-        translator = runs.read(model_path, best=count) if count else load(
-            model_path, step=chosen.get("step"), average_last=chosen.get("average_last"))
+        translator = load(model_path, **chosen)
         if test_set is None:
             config = translator.config if translator.config is not None else default_config()
             test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)

@@ -168,12 +168,14 @@ class _ShardsTogether:
 def two_process_run(tmp_path_factory, setup):
     """An uninterrupted 2-process run of STEPS steps, and the 1-process, 4-device run of its batches."""
     tmp = tmp_path_factory.mktemp("two_process")
-    results = finish(launch(small_config(tmp / "run", setup), tmp, "uninterrupted"))
+    # Validations at STEPS / 2 and STEPS choose a best step (train.keep_best: every validation saves).
+    chooses = {"eval_every": STEPS // 2, "keep_best": 1, "best_metric": "nll"}
+    results = finish(launch(small_config(tmp / "run", setup, **chooses), tmp, "uninterrupted"))
     for code, output in results:
         assert code == 0, output[-3000:]
 
     assert jax.process_count() == 1 and jax.device_count() == 4  # conftest: one process, 4 CPU devices
-    reference = small_config(tmp / "reference", setup)
+    reference = small_config(tmp / "reference", setup, **chooses)
     made = []
 
     def train_batches(trainer):
@@ -206,6 +208,21 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(two_pro
     assert differing, f"the processes never differed in shape: {shapes}"
     assert "the processes' batches differ in shape" in log0
     assert f'"batches_padded_to_agree": {len(differing)}' in log0
+
+
+def test_the_processes_agree_on_the_best_step(two_process_run):
+    """Process 0's validation value decides the best step on every process: both log the same choice, the
+    one metrics.jsonl records, and it is the step of the lower validation nll."""
+    tmp, results, _ = two_process_run
+    said = [[line.split("stopped: ", 1)[1] for line in output.splitlines() if "stopped: " in line]
+            for _, output in results]
+    assert len(said[0]) == 1 and said[0] == said[1], said
+    valid = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in valid if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [STEPS // 2, STEPS]
+    best = min(valid, key=lambda r: (r["nll"], r["step"]))["step"]
+    assert valid[-1]["best_step"] == best and f"best step {best} with nll" in said[0][0]
+    assert said[0][0].startswith(f"step {STEPS} of train.steps={STEPS} reached")
 
 
 def test_each_process_reads_its_own_disjoint_shard_and_together_all_data(two_process_run, setup):
