@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine: install the brought wheels into /tmp/site, then run benchmarks/gpu_check.py on the brought
-# Multi30k data, writing results.jsonl, table.txt and log.txt into RESULTS_DIR (docs/gpu_check.md).
+# On the GPU machine: install the brought wheels into /tmp/site, then run benchmarks/gpu_check.py (the package
+# benchmarks/gpu_check/) on the brought Multi30k data, writing results.jsonl, table.txt and log.txt into
+# RESULTS_DIR (docs/gpu_check.md).
 #   bash benchmarks/gpu_check.sh RESULTS_DIR [gpu_check.py options, e.g. --parts speed,decode --budget-s 200]
 set -uo pipefail
 cd "$(dirname "$0")/.."

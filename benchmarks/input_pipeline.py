@@ -28,7 +28,6 @@ one before and two after the loop): the loop's cost over the bare step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from common import report  # noqa: E402
+from jaxformer.config import load_recipe  # noqa: E402
 from jaxformer.data import (BatchIterator, TokenCache, Tokenizer, make_batches, padding_efficiency,  # noqa: E402
                             sample_sentences)
 
@@ -47,10 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def real_tokens(batches) -> int:

@@ -6,20 +6,13 @@ As configs/wmt14_base.py, with N=6, d_model 1024, d_ff 4096, h 16, P_drop 0.3 (t
 model; its En-Fr one used 0.1), 300,000 steps, and the average of the last 20 checkpoints (Section 6.1).
 """
 
-import importlib.util
 import pathlib
 
-
-def base_config():
-    path = pathlib.Path(__file__).with_name("wmt14_base.py")
-    spec = importlib.util.spec_from_file_location("wmt14_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from jaxformer.config import load_recipe
 
 
 def get_config():
-    c = base_config()
+    c = load_recipe(pathlib.Path(__file__).with_name("wmt14_base.py"))
     c.model.d_model = 1024
     c.model.d_ff = 4096
     c.model.num_heads = 16

@@ -137,6 +137,18 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_recipe(path) -> ml_collections.ConfigDict:
+    """`get_config()` of the recipe file at `path` (a configs/*.py, which is not a package: loaded by path)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 # Model options added after models were saved without them: a saved config that lacks the key was trained
 # with this value (before `attention_bias` existed, the attention projections always had biases).
 LEGACY_MODEL_VALUES = {"attention_bias": True}

@@ -53,23 +53,69 @@ def number_words():
     return jaxformer.load(NUMBER_WORDS)
 
 
-def multi30k_vocabulary(multi30k_dir: pathlib.Path, pairs: int, pieces: int, path: pathlib.Path):
-    """A shared BPE vocabulary of `pieces` pieces trained on the first `pairs` Multi30k training pairs."""
-    from itertools import islice
-
-    from jaxformer.data import Tokenizer
-
-    sentences = []
-    for lang in ("en", "de"):
-        with open(multi30k_dir / f"train.{lang}", encoding="utf-8") as f:
-            sentences += [line.strip() for line in islice(f, pairs)]
-    return Tokenizer.train(sentences, pieces, str(path))
-
-
 @pytest.fixture(scope="session")
 def multi30k_tokenizer(multi30k_dir, tmp_path_factory):
     """A small (1000-piece) shared BPE vocabulary, trained once on 4000 Multi30k pairs."""
+    from helpers import multi30k_vocabulary
+
     return multi30k_vocabulary(multi30k_dir, 4000, 1000, tmp_path_factory.mktemp("vocab") / "vocab.model")
+
+
+@pytest.fixture(scope="session")
+def token_cache_dir(tmp_path_factory):
+    """One folder for the data tests' token caches (helpers.data_config puts them there): caches of equal inputs
+    are shared, as in use. A data test module asks for it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import helpers
+
+    helpers.CACHE_DIR = str(tmp_path_factory.mktemp("token_cache"))
+    return helpers.CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_setup(tmp_path_factory):
+    """The offline task's files (2,000 pairs) and a small vocabulary trained on them, made once."""
+    from jaxformer.config import default_config
+    from jaxformer.data import Tokenizer, ensure_synthetic
+
+    base = tmp_path_factory.mktemp("synthetic")
+    config = default_config()
+    config.data.update(source="synthetic", synthetic_size=2000, synthetic_dir=str(base / "data"))
+    prefix = pathlib.Path(ensure_synthetic(config.data)) / "train"
+    sentences = []
+    for lang in ("en", "de"):
+        sentences += (prefix.parent / f"train.{lang}").read_text(encoding="utf-8").splitlines()
+    tokenizer = Tokenizer.train(sentences, 120, str(base / "vocab.model"))
+    return str(base / "data"), tokenizer.path
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    """(model, params, tokenizer): the tiny copy model (helpers.trained_copy_model, ~10 s), trained once."""
+    from helpers import trained_copy_model
+
+    return trained_copy_model()
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """A random tiny Transformer (helpers.RANDOM_CFG), which never says EOS, and its parameters."""
+    import jax
+
+    from helpers import RANDOM_CFG
+    from jaxformer.model import Transformer, init_params
+
+    return Transformer(RANDOM_CFG), init_params(RANDOM_CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread while a module's tests run (the Marian modules use it for all their tests)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # The longest tests, started first under pytest -n so that the short ones fill the other worker around them

@@ -11,14 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-import jaxformer
+import jaxformer.train  # (binds jaxformer too) the tests call jaxformer.train.run
 from jaxformer import checkpoint as ckpt
 from jaxformer.choose import Choice, best_first, resolve_metric, resumed
 from jaxformer.cli import main as cli_main
 from jaxformer.config import check_train_config, default_config
 from jaxformer.io import runs
 
-from test_train import synthetic_setup, tiny_config  # noqa: F401  (a fixture and the tiny model's config)
+from helpers import tiny_config
 
 
 def feed(choice: Choice, values, every: int = 10) -> list[bool]:
@@ -211,7 +211,7 @@ def records_of(workdir, split):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def test_a_run_records_its_choice_keeps_the_best_and_resumes_with_it(tmp_path, synthetic_setup,  # noqa: F811
+def test_a_run_records_its_choice_keeps_the_best_and_resumes_with_it(tmp_path, synthetic_setup,
                                                                      monkeypatch):
     config = tiny_config(tmp_path, synthetic_setup, steps=6, eval_every=2, best_metric="nll", keep_best=2,
                          keep_checkpoints=1, checkpoint_every_steps=0)

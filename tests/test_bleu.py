@@ -1,7 +1,7 @@
 """The BLEU variants papers report (jaxformer.bleu) and `jaxformer evaluate`'s options for them.
 
 The Moses recipe is checked against Multi30k's official tokenized test2016 references; the evaluate runs
-use test_evaluate.py's run of the tiny copy model, whose "translation" of made-up lowercase words is the input.
+use helpers.make_run's run of the tiny copy model, whose "translation" of made-up lowercase words is the input.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from jaxformer import cli
 from jaxformer.bleu import (compound_split, compound_split_bleu, corpus_bleu, moses_lc, moses_lc_bleu,
                             moses_tokenize, tokenized_bleu)
 from jaxformer.evaluate import read_lines, run_evaluation
-from test_decode import trained_copy_model
-from test_evaluate import SENTENCES, make_run, write_split
+from helpers import SENTENCES, make_run, write_split
 
 # (line, what tensor2tensor's `perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g'` makes of it)
 COMPOUNDS = [
@@ -32,11 +31,6 @@ COMPOUNDS = [
     ("&quot;-&quot;", "&quot; ##AT##-##AT## &quot;"),
     ("", ""),
 ]
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return trained_copy_model()
 
 
 def test_tokenized_bleu_is_sacrebleu_with_tokenize_none(multi30k_dir):

@@ -20,13 +20,13 @@ import pytest
 
 ctranslate2 = pytest.importorskip("ctranslate2", reason="the CTranslate2 export needs pip install -e '.[interop]'")
 
-from conftest import multi30k_vocabulary  # noqa: E402
 from jaxformer import decode  # noqa: E402
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from jaxformer.io.ctranslate2 import (CTranslate2ExportError, translate_options,  # noqa: E402
                                       write_ctranslate2)
 from jaxformer.io import ctranslate2 as ct2_io  # noqa: E402
 from jaxformer.model import Transformer, TransformerConfig, init_params  # noqa: E402
+from helpers import multi30k_vocabulary  # noqa: E402
 
 EXTRA = 10  # decode.max_extra_len in these tests
 N_SENTENCES = 60

@@ -3,7 +3,8 @@ cross-attention keys/values computed once per sentence.
 
 Three tiny models: a random one (never says EOS), a "constant" one whose next-token distribution is fixed
 by hand (so the right answer is known in closed form), and one trained for a few seconds to copy its input
-(`trained_copy_model`, shared with test_export.py) so searches produce real EOS decisions.
+(conftest's `bundle`, made by helpers.trained_copy_model and shared with test_export.py and others) so searches
+produce real EOS decisions.
 """
 
 from __future__ import annotations
@@ -11,87 +12,26 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
 from jaxformer import decode, decode_cache, ops
-from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.decode import beam_search, greedy_search, length_penalty, score_sequences
 from jaxformer.decode import init_cache
 from jaxformer.decode_cache import beam_search_cache, reorder_beams
 from jaxformer.model import (MultiHeadAttention, Transformer, TransformerConfig,
                              init_params)
+from helpers import RANDOM_CFG, bigram_model, lengths_of, sources
 
-RANDOM_CFG = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
-                               num_decoder_layers=2, max_len=40, dropout_rate=0.0)
-COPY_MAX_TOKENS = 12
 EXTRA = 6  # max_extra_len used throughout: the tests share few shapes, so few compilations
 
 
 # ----------------------------------------------------------------------------- models
-
-_WORDS_RNG = np.random.default_rng(0)
-WORDS = ["".join(_WORDS_RNG.choice(list("abcdefgh"), _WORDS_RNG.integers(1, 4))) for _ in range(30)]
-
-
-def made_up_sentences(n: int, seed: int, max_words: int = 5) -> list[str]:
-    """Sentences of 1..max_words made-up words (the copy model's "language")."""
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, rng.integers(1, max_words + 1))) for _ in range(n)]
-
-
-@functools.lru_cache(maxsize=None)
-def copy_tokenizer() -> Tokenizer:
-    """A 48-piece vocabulary over made-up words of the letters a-h."""
-    return Tokenizer.train(made_up_sentences(500, seed=0), 48,
-                           tempfile.mkdtemp(prefix="jaxformer-test-vocab-") + "/vocab.model")
-
-
-def copy_batch(rng, vocab_size, batch=64, max_tokens=COPY_MAX_TOKENS):
-    """Random sources (tokens + EOS) and their copies as targets."""
-    n = rng.integers(1, max_tokens + 1, batch)
-    width = max_tokens + 1
-    pos = np.arange(width)[None]
-    src = np.where(pos < n[:, None], rng.integers(4, vocab_size, (batch, width)), PAD_ID)
-    src[np.arange(batch), n] = EOS_ID
-    tgt_in = np.concatenate([np.full((batch, 1), BOS_ID), src[:, :-1]], axis=1)
-    tgt_in = np.where(src == PAD_ID, PAD_ID, tgt_in)
-    return src.astype(np.int32), tgt_in.astype(np.int32), src.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def trained_copy_model(steps: int = 500):
-    """(model, params, tokenizer): a 1+1-layer d_model=64 Transformer trained (~10 s) to copy its input."""
-    tokenizer = copy_tokenizer()
-    cfg = TransformerConfig(vocab_size=tokenizer.vocab_size, d_model=64, d_ff=128, num_heads=4,
-                            num_encoder_layers=1, num_decoder_layers=1, max_len=64, dropout_rate=0.0)
-    model = Transformer(cfg)
-    params = init_params(cfg, jax.random.key(0))
-    optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 5e-3, 30, steps))
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, src, tgt_in, tgt_out):
-        def loss_fn(p):
-            logits = model.apply(p, src, tgt_in)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, tgt_out)
-            weights = tgt_out != PAD_ID
-            return jnp.sum(losses * weights) / jnp.sum(weights)
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    rng = np.random.default_rng(0)
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state, *copy_batch(rng, cfg.vocab_size))
-    return model, params, tokenizer
-
 
 def constant_model(logit_values: dict[int, float], default: float = -4.0):
     """A model whose next-token logits are the same at every step, whatever the input."""
@@ -111,64 +51,6 @@ def constant_model(logit_values: dict[int, float], default: float = -4.0):
     return Transformer(cfg), params, np.asarray(log_probs)
 
 
-def bigram_model(next_log_probs: dict[int, dict[int, float]], floor: float = -30.0):
-    """A model whose next-token distribution depends on the previous token only: `next_log_probs[t]` maps
-    tokens to their log-prob after t (any other previous token: EOS); unlisted tokens get `floor`.
-
-    Every sub-layer's output projection is zeroed, so the decoder output is LayerNorm of the token's embedding
-    (the learned position table is zeroed too): e_t - e_(t+16), whose LayerNorm is 4 (e_t - e_(t+16)). The
-    output projection's row t then holds the wanted logits / 4. Returns (model, params, log_probs [16, 16]).
-    """
-    vocab, d = 16, 32
-    cfg = TransformerConfig(vocab_size=vocab, d_model=d, d_ff=32, num_heads=2, num_encoder_layers=1,
-                            num_decoder_layers=1, max_len=40, dropout_rate=0.0, tie_output=False,
-                            positional="learned")
-    params = jax.tree.map(np.array, init_params(cfg, jax.random.key(2)))
-    tree = params["params"]
-    layer = tree["decoder_0"]
-    for name in ("self_attention", "cross_attention"):
-        layer[name]["out"]["kernel"][:] = 0.0  # (no bias: model.attention_bias is off)
-    layer["ffn"]["wo"]["kernel"][:] = 0.0
-    layer["ffn"]["wo"]["bias"][:] = 0.0
-    tree["decoder_embedder"]["positions"][:] = 0.0
-    embedding = tree["shared_embedding"]["embedding"]
-    embedding[:] = 0.0
-    logits = np.full((vocab, vocab), floor, np.float32)
-    logits[:, EOS_ID] = 0.0
-    for token in range(vocab):
-        embedding[token, token], embedding[token, token + vocab] = 1.0, -1.0
-        if token in next_log_probs:
-            logits[token, EOS_ID] = floor
-            for nxt, value in next_log_probs[token].items():
-                logits[token, nxt] = value
-    kernel = tree["output_projection"]["kernel"]
-    kernel[:] = 0.0
-    kernel[:vocab] = logits / 4.0
-    masked = logits.copy()
-    masked[:, [PAD_ID, BOS_ID]] = -1e9
-    return Transformer(cfg), params, np.asarray(jax.nn.log_softmax(jnp.asarray(masked), axis=-1))
-
-
-def sources(lengths, width, vocab_size, seed=0):
-    """Rows of `n` random tokens + EOS, PAD-padded to `width`."""
-    rng = np.random.default_rng(seed)
-    src = np.full((len(lengths), width), PAD_ID, np.int32)
-    for row, n in enumerate(lengths):
-        src[row, :n] = rng.integers(4, vocab_size, n)
-        src[row, n] = EOS_ID
-    return src
-
-
-def lengths_of(tokens):
-    """Hypothesis lengths counting EOS (everything before the PAD tail)."""
-    return (np.asarray(tokens) != PAD_ID).sum(axis=1)
-
-
-@pytest.fixture(scope="module")
-def random_model():
-    return Transformer(RANDOM_CFG), init_params(RANDOM_CFG, jax.random.key(0))
-
-
 @pytest.fixture(scope="module")
 def random_src():
     src = sources([3, 5, 1, 8, 0, 6], 9, RANDOM_CFG.vocab_size)
@@ -177,8 +59,8 @@ def random_src():
 
 
 @pytest.fixture(scope="module")
-def copy_model():
-    return trained_copy_model()
+def copy_model(bundle):
+    return bundle  # conftest's: the copy model, trained once
 
 
 @pytest.fixture(scope="module")

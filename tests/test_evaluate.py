@@ -1,6 +1,6 @@
 """`jaxformer evaluate` as the papers score: both metrics, averaged checkpoints, every test line.
 
-Uses the tiny copy model of test_decode.py, whose "translation" of made-up lowercase words is the input.
+Uses the tiny copy model (conftest's `bundle`), whose "translation" of made-up lowercase words is the input.
 """
 
 from __future__ import annotations
@@ -18,47 +18,7 @@ from jaxformer.config import check_lengths, default_config
 from jaxformer.evaluate import bleu_scores, run_evaluation
 from jaxformer import load as load_translator
 from jaxformer.translate import Translator
-from test_decode import made_up_sentences, trained_copy_model
-
-SENTENCES = made_up_sentences(6, seed=11)
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return trained_copy_model()
-
-
-def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.0, 2.0), bleu=None):
-    """A run directory whose checkpoints 1, 2, 3 hold the copy model's parameters times `scales` (and, with
-    `bleu`, made-up validation BLEU per step, as train.keep_best records it)."""
-    from jaxformer.choose import Choice
-
-    choice = Choice(metric="bleu") if bleu else None
-    model, params, tokenizer = bundle
-    config = default_config()
-    for key, value in model.config.to_dict().items():
-        if key in config.model:
-            config.model[key] = value
-    config.data.source, config.data.src_lang, config.data.tgt_lang = "files", "xx", "yy"
-    config.data.test_files = str(test_prefix)
-    config.train.average_last = average_last
-    checkpoint.save_run_config(config, workdir)
-    tokenizer.save(str(workdir / "vocab.model"))
-    store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)
-    for step, scale in enumerate(scales, start=1):
-        if choice:
-            choice.update(step, bleu[step - 1])
-        store.save(step, params=jax.tree.map(lambda x: scale * x, params),
-                   opt_state={"count": np.zeros((), np.int32)},
-                   rng=jax.random.key_data(jax.random.key(0)), data_state={}, choice=choice)
-    store.wait()
-    store.close()
-    return workdir
-
-
-def write_split(prefix, sources, references):
-    prefix.parent.joinpath(prefix.name + ".xx").write_bytes(b"".join(s + b"\n" for s in sources))
-    prefix.parent.joinpath(prefix.name + ".yy").write_bytes(b"".join(r + b"\n" for r in references))
+from helpers import SENTENCES, make_run, write_split
 
 
 def first_kernel(params):

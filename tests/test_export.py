@@ -1,6 +1,6 @@
 """Export and load, translate (library and CLI), sacreBLEU evaluation, attention plots.
 
-Uses the tiny copy model of test_decode.py (trained once per session, in seconds), whose "translation"
+Uses the tiny copy model (conftest's `bundle`, trained once per session, in seconds), whose "translation"
 of a sentence of made-up words is the sentence itself.
 """
 
@@ -28,14 +28,7 @@ from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.config import default_config
 from jaxformer.evaluate import corpus_bleu, evaluate_texts
 from jaxformer.translate import Translator, translate_ids, translate_texts
-from test_decode import made_up_sentences, trained_copy_model
-
-SENTENCES = made_up_sentences(6, seed=11)
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return trained_copy_model()
+from helpers import SENTENCES, made_up_sentences
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ architecture, and the run directory then loads, translates and resumes like any 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -13,10 +12,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from jaxformer.config import load_recipe  # noqa: E402
 from jaxformer.io.marian_import import import_marian  # noqa: E402
 from jaxformer.train import run  # noqa: E402
 import jaxformer  # noqa: E402
-from test_marian import build_marian_dir, short_pairs  # noqa: E402
+from helpers import build_marian_dir, short_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,7 @@ def imported(multi30k_dir, tmp_path_factory):
 
 def finetune_config(init_from, data: pathlib.Path, workdir: pathlib.Path, **train):
     """configs/finetune.py, shrunk to seconds: 20 steps of ~512 slots on 300 pairs."""
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "configs" / "finetune.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    c = recipe.get_config()
+    c = load_recipe(REPO / "configs" / "finetune.py")
     c.train.update(init_from=str(init_from), workdir=str(workdir), steps=20, warmup_steps=5, lr_scale=0.5,
                    log_every=1, eval_every=0, eval_bleu_sentences=4, checkpoint_every_steps=10, keep_checkpoints=2,
                    progress_bar=False, plot=False, cpu_data_parallel=False)

@@ -9,12 +9,12 @@ from jaxformer import cli
 from jaxformer.data import EOS_ID, PAD_ID
 from jaxformer.decode import beam_search, greedy_search
 from jaxformer.synthetic import english_words
-from test_decode import RANDOM_CFG, lengths_of, random_model, sources  # noqa: F401 - the fixture
+from helpers import RANDOM_CFG, lengths_of, sources
 
 SOURCES = [english_words(n) for n in (7, 21, 400, 1234, 99999, 310412)]
 
 
-def test_a_prefix_of_the_greedy_output_gives_the_greedy_output(random_model):  # noqa: F811
+def test_a_prefix_of_the_greedy_output_gives_the_greedy_output(random_model):
     model, params = random_model
     src = sources([3, 8, 1, 5], 9, RANDOM_CFG.vocab_size)
     greedy = np.asarray(greedy_search(model, params, src, max_extra_len=6))
@@ -23,7 +23,7 @@ def test_a_prefix_of_the_greedy_output_gives_the_greedy_output(random_model):  #
         np.testing.assert_array_equal(greedy_search(model, params, src, max_extra_len=6, prefix=prefix), greedy)
 
 
-def test_outputs_start_with_their_prefix_and_a_long_prefix_is_cut_at_the_limit(random_model):  # noqa: F811
+def test_outputs_start_with_their_prefix_and_a_long_prefix_is_cut_at_the_limit(random_model):
     model, params = random_model
     src = sources([3, 8, 1, 5], 9, RANDOM_CFG.vocab_size)
     prefix = np.full((4, 12), PAD_ID, np.int32)

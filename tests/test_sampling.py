@@ -11,7 +11,7 @@ import pytest
 from jaxformer import cli, decode
 from jaxformer.data import BOS_ID, EOS_ID
 from jaxformer.synthetic import english_words
-from test_decode import RANDOM_CFG, bigram_model, random_model, sources  # noqa: F401 - the fixture
+from helpers import RANDOM_CFG, bigram_model, sources
 
 SOURCES = [english_words(n) for n in (7, 21, 400, 1234, 99999, 310412, 5, 68, 700001)]
 
@@ -33,7 +33,7 @@ def test_full_sampling_draws_first_tokens_with_the_model_probabilities():
     assert chi2 < 16.3, (counts, expected)  # 3 degrees of freedom: p = 0.001
 
 
-def test_low_temperature_is_greedy_and_top_k_stays_in_the_k_best(random_model):  # noqa: F811
+def test_low_temperature_is_greedy_and_top_k_stays_in_the_k_best(random_model):
     model, params = random_model
     src = sources([3, 8, 1, 5], 9, RANDOM_CFG.vocab_size)
     greedy = np.asarray(decode.greedy_search(model, params, src, max_extra_len=6))

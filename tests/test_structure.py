@@ -126,3 +126,29 @@ def test_the_model_options_are_the_same_in_the_config_and_the_model():
                                              f"model.py: {sorted(set(model) - set(config))}")
     differ = {key: (config[key], model[key]) for key in model if config[key] != model[key]}
     assert not differ, f"(config.py, model.py) defaults differ: {differ}"
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers.py (plain functions, constants) and tests/conftest.py (fixtures,
+    and the settings that must come before jax is imported): a test module that imports another ties the two
+    together and pulls in its fixtures and imports."""
+    test_modules = {p.stem for p in TESTS.glob("test_*.py")}
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module in (None, "tests"):  # from . / from tests import x
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[-1] in test_modules and (len(parts) == 1 or parts[:-1] == ["tests"]):
+                    found.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not found, f"test modules importing test modules (move the shared code to helpers.py or conftest.py): {found}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -21,49 +20,20 @@ import pytest
 from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
 from jaxformer.config import default_config
-from jaxformer.data import PAD_ID, Tokenizer, make_batches
+from jaxformer.data import PAD_ID, make_batches
 from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.loss import token_statistics
 from jaxformer.optim import learning_rate_schedule, make_optimizer
 from jaxformer.steps import Steps
 import jaxformer
-from jaxformer.config import check_train_config
+from jaxformer.config import check_train_config, load_recipe
 from jaxformer.train import TrainingError, run
+from helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def synthetic_setup(tmp_path_factory):
-    """The offline task's files (2,000 pairs) and a small vocabulary trained on them, made once."""
-    base = tmp_path_factory.mktemp("synthetic")
-    config = default_config()
-    config.data.update(source="synthetic", synthetic_size=2000, synthetic_dir=str(base / "data"))
-    from jaxformer.data import ensure_synthetic
-
-    prefix = pathlib.Path(ensure_synthetic(config.data)) / "train"
-    sentences = []
-    for lang in ("en", "de"):
-        sentences += (prefix.parent / f"train.{lang}").read_text(encoding="utf-8").splitlines()
-    tokenizer = Tokenizer.train(sentences, 120, str(base / "vocab.model"))
-    return str(base / "data"), tokenizer.path
-
-
-def tiny_config(workdir, synthetic_setup, **train):
-    """A 1+1-layer, d_model 32 model on the number-words task; one log record per step."""
-    data_dir, vocab = synthetic_setup
-    c = default_config()
-    c.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=32)
-    c.data.update(source="synthetic", synthetic_size=2000, synthetic_dir=data_dir, vocab_model=vocab,
-                  tokens_per_batch=256, bucket_lengths=(24,), max_len=24)
-    c.train.update(workdir=str(workdir), steps=6, warmup_steps=4, lr_scale=2.0, log_every=1, eval_every=0,
-                   eval_bleu_sentences=0, checkpoint_every_steps=2, keep_checkpoints=5, average_last=1,
-                   progress_bar=False, plot=False)
-    c.train.update(train)
-    return c
 
 
 def train_records(workdir) -> dict[int, dict]:
@@ -570,10 +540,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synt
 
 def test_recipes_load_and_hold_the_papers_settings():
     def load(name):
-        spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+        config = load_recipe(REPO / "configs" / f"{name}.py")
         check_train_config(config.train)
         TransformerConfig.from_dict(config.model.to_dict(), vocab_size=config.data.vocab_size)
         return config

@@ -10,7 +10,7 @@
 
 The conversion is exact up to LayerNorm's epsilon: MarianMTModel's LayerNorms use torch's fixed 1e-5, and a
 model trained here with model.layer_norm_epsilon=1e-6 (the default) keeps its weights as they are (its
-logits move by ~1e-6 for unit-scale activations; tests/test_marian.py measures it). Ids go through
+logits move by ~1e-6 for unit-scale activations; tests/test_marian_export.py measures it). Ids go through
 `jaxformer.data.marian_vocab.IdMap`; the d_model axis through `marian_layout.feature_order`.
 
 What the searches share and where they differ (docs/marian.md): both mask pad/BOS and force EOS at the length
