@@ -64,7 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     d.test_files = ""
     d.vocab_size = 8000
     d.vocab_sample_size = 1_000_000  # sentences (both sides), sampled over the whole train split, to train it
-    d.vocab_model = ""              # path of an existing sentencepiece model to use instead of training one
+    d.vocab_model = ""              # path of an existing vocabulary (a sentencepiece .model, a words .json) to use
+    d.vocab_kind = "sentencepiece"  # "sentencepiece" (shared BPE) or "words" (one id per word or tree symbol: parsing)
+    d.min_count = 1                 # vocab_kind="words": source words seen fewer times in training are UNK
     d.max_len = 256                 # pairs with a side longer than this (in tokens, with EOS) are skipped
     d.tokens_per_batch = 4096       # batch slots (rows x length, padding included) per side and step, all
                                     # processes together (paper: ~25,000 real tokens); with pack=True over 90%

@@ -6,6 +6,8 @@
                                                                   -> Tokenizer, get_tokenizer
     marian_vocab.py  an imported Marian model's vocabulary (two sentencepiece models + vocab.json), in
                    jaxformer's ids                                -> MarianVocab
+    word_vocab.py  whole words and tree symbols, one id each (parsing)   -> WordVocab
+    treebank.py    Penn Treebank trees: read, normalize, linearize and back  (treebank data: sources.py)
     cache.py       the first pass: cleaned, batch-encoded pairs written to flat files, memory-mapped
                    afterwards, keyed by source + vocabulary + length limit   -> open_or_build
     batching.py    a seeded whole-corpus order per epoch -> packed rows or length buckets -> int32 batches
@@ -31,13 +33,14 @@ from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, pro
 from jaxformer.data.prefetch import Prefetcher
 from jaxformer.data.sources import describe_source, ensure_synthetic, load_split, pair_batches, read_pairs
 from jaxformer.data.marian_vocab import MarianVocab
+from jaxformer.data.word_vocab import WordVocab
 from jaxformer.data.vocabulary import (VOCAB_FILENAME, Tokenizer, get_tokenizer, load_vocabulary, run_vocabulary,
                                        sample_sentences, vocabulary_filename)
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB_FILENAME", "BatchIterator", "DataError", "Prefetcher",
            "MarianVocab", "TokenCache", "Tokenizer", "batch_size_for", "cache_dir_for", "ensure_synthetic", "get_tokenizer",
            "load_split", "load_vocabulary", "make_batches", "padding_efficiency", "read_pairs", "run_vocabulary", "sample_sentences",
-           "vocabulary_filename"]
+           "vocabulary_filename", "WordVocab"]
 
 
 def cache_dir_for(config) -> str:

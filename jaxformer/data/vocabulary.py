@@ -16,12 +16,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from jaxformer.data import marian_vocab, word_vocab
 from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, clean, process_info
 from jaxformer.data.sources import pair_batches
 
 log = logging.getLogger(__name__)
 
 VOCAB_FILENAME = "vocab.model"
+# The names a run's vocabulary may have in its workdir, one per kind (sentencepiece, words, marian).
+RUN_VOCABULARIES = (VOCAB_FILENAME, word_vocab.FILENAME, marian_vocab.DIRNAME)
 
 
 class Tokenizer:
@@ -130,34 +133,35 @@ class Tokenizer:
 
 
 def vocabulary_filename(kind: str) -> str:
-    """The file (sentencepiece) or folder (marian) a vocabulary of `kind` is kept as, in a workdir or export."""
-    from jaxformer.data import marian_vocab
-
-    names = {Tokenizer.kind: VOCAB_FILENAME, marian_vocab.KIND: marian_vocab.DIRNAME}
+    """The file (sentencepiece, words) or folder (marian) a vocabulary of `kind` is kept as, in a workdir or
+    export."""
+    names = {Tokenizer.kind: VOCAB_FILENAME, marian_vocab.KIND: marian_vocab.DIRNAME,
+             word_vocab.KIND: word_vocab.FILENAME}
     if kind not in names:
         raise DataError(f"unknown vocabulary kind {kind!r}; known: {', '.join(names)}")
     return names[kind]
 
 
 def load_vocabulary(path: str, kind: str | None = None):
-    """A `Tokenizer` (a sentencepiece .model file) or a `MarianVocab` (a folder from `MarianVocab.save`):
-    `kind` names it, or None tells them apart by what `path` is."""
-    from jaxformer.data.marian_vocab import KIND as MARIAN, MarianVocab
-
+    """A `Tokenizer` (a sentencepiece .model file), a `MarianVocab` (a folder from `MarianVocab.save`) or a
+    `WordVocab` (a .json file from `WordVocab.save`): `kind` names it, or None tells them apart by what
+    `path` is."""
     if kind is None:
-        kind = MARIAN if os.path.isdir(path) else Tokenizer.kind
-    if kind == MARIAN:
-        return MarianVocab.load(path)
+        kind = (marian_vocab.KIND if os.path.isdir(path) else word_vocab.KIND if str(path).endswith(".json")
+                else Tokenizer.kind)
+    if kind == marian_vocab.KIND:
+        return marian_vocab.MarianVocab.load(path)
+    if kind == word_vocab.KIND:
+        return word_vocab.WordVocab.load(path)
     if kind != Tokenizer.kind:
         raise DataError(f"unknown vocabulary kind {kind!r} for {path}")
     return Tokenizer.load(path)
 
 
 def run_vocabulary(workdir: str):
-    """The vocabulary a run keeps in its workdir (vocab.model, or a marian_vocab/ folder), or None."""
-    from jaxformer.data.marian_vocab import DIRNAME
-
-    for name in (VOCAB_FILENAME, DIRNAME):
+    """The vocabulary a run keeps in its workdir (vocab.model, vocab.words.json or a marian_vocab/ folder),
+    or None."""
+    for name in RUN_VOCABULARIES:
         path = os.path.join(workdir, name)
         if os.path.exists(path):
             return load_vocabulary(path)
@@ -185,25 +189,45 @@ def sample_sentences(data_cfg, n: int) -> list[str]:
     return [s for pair in reservoir for s in pair][:int(n)]
 
 
-def get_tokenizer(config, workdir: str, *, wait_timeout_s: float = 3600.0) -> Tokenizer:
-    """The run's vocabulary, kept at `<workdir>/vocab.model`.
+def training_pairs(data_cfg):
+    """Every clean (source, target) pair of the unsharded train split: what a word vocabulary counts."""
+    for sources, targets in pair_batches(data_cfg, "train", process_index=0, process_count=1):
+        for s, t in zip(sources, targets):
+            s, t, reason = clean(s, t)
+            if reason is None:
+                yield s, t
 
-    Resume: that file (or the marian_vocab/ folder a fine-tuned Marian model keeps). Else `config.data.vocab_model` (copied beside the run). Else process 0
-    trains one on `config.data.vocab_sample_size` sentences sampled over the whole train stream; the other
-    processes wait for the file (the workdir must be on a shared filesystem).
+
+def get_tokenizer(config, workdir: str, *, wait_timeout_s: float = 3600.0):
+    """The run's vocabulary, kept in the workdir as `vocabulary_filename(data.vocab_kind)`.
+
+    Resume: the vocabulary kept there (or the marian_vocab/ folder a fine-tuned Marian model keeps). Else
+    `config.data.vocab_model` (copied beside the run). Else process 0 makes one: `data.vocab_kind`
+    "sentencepiece" trains BPE on `config.data.vocab_sample_size` sentences sampled over the whole train
+    stream; "words" (parsing) takes every target symbol and the source words seen `data.min_count` times in
+    the whole train split. The other processes wait for the file (the workdir must be on a shared filesystem).
     """
     data = config.data
-    path = os.path.join(workdir, VOCAB_FILENAME)
+    kind = data.get("vocab_kind", Tokenizer.kind)
+    path = os.path.join(workdir, vocabulary_filename(kind))
     kept = run_vocabulary(workdir)  # a Marian vocabulary is put there by fine-tuning (`train.init_from`)
     if kept is not None:
         return kept
     process_index, _ = process_info(None, None)
     if data.vocab_model:
-        tok = Tokenizer.load(data.vocab_model)
+        tok = load_vocabulary(data.vocab_model)
         if process_index == 0:
-            tok.save(path)
+            tok.save(os.path.join(workdir, vocabulary_filename(tok.kind)))
         return tok
     if process_index == 0:
+        if kind == word_vocab.KIND:
+            vocab = word_vocab.WordVocab.build(training_pairs(data), min_count=int(data.min_count), path=path)
+            log.info("built a %d-entry word vocabulary (%d target symbols, source words seen >= %d times): %s",
+                     vocab.vocab_size, len(vocab.targets), int(data.min_count), path)
+            return vocab
+        if kind != Tokenizer.kind:
+            raise DataError(f"data.vocab_kind={kind!r}: choose {Tokenizer.kind!r} (subwords) or "
+                            f"{word_vocab.KIND!r} (whole words, for parsing)")
         log.info("training a vocabulary of %d pieces on up to %d sentences", data.vocab_size, data.vocab_sample_size)
         return Tokenizer.train(sample_sentences(data, int(data.vocab_sample_size)), int(data.vocab_size), path)
     deadline = time.monotonic() + wait_timeout_s
@@ -212,4 +236,4 @@ def get_tokenizer(config, workdir: str, *, wait_timeout_s: float = 3600.0) -> To
             raise DataError(f"process {process_index} waited {wait_timeout_s:.0f}s for process 0 to write {path}; "
                             f"is the workdir on a filesystem all processes share?")
         time.sleep(2.0)
-    return Tokenizer.load(path)
+    return load_vocabulary(path, kind)

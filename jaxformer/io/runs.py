@@ -45,12 +45,13 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
     the run's validation metric (K=1: the best one; see `best_count`).
     """
     from jaxformer.data import get_tokenizer
-    from jaxformer.data.marian_vocab import DIRNAME
+    from jaxformer.data.vocabulary import RUN_VOCABULARIES
 
     config = checkpoint.load_run_config(workdir)
     vocab = pathlib.Path(workdir) / checkpoint.VOCAB_FILE
-    if not vocab.is_file() and not (pathlib.Path(workdir) / DIRNAME).is_dir():  # a fine-tuned Marian model
-        raise checkpoint.CheckpointError(f"{vocab} not found: the run's vocabulary is missing")
+    if not any((pathlib.Path(workdir) / name).exists() for name in RUN_VOCABULARIES):
+        raise checkpoint.CheckpointError(f"{vocab} not found (nor {', '.join(RUN_VOCABULARIES[1:])}): the run's "
+                                         f"vocabulary is missing")
     tokenizer = get_tokenizer(config, str(workdir))
     default = average_last is None and not best
     if best:
@@ -65,7 +66,7 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
                  workdir, steps, average_last)
     rows = _vocab_rows(params)
     if rows is not None and rows != tokenizer.vocab_size:
-        raise checkpoint.CheckpointError(f"{vocab} has {tokenizer.vocab_size} pieces but the checkpoint's "
+        raise checkpoint.CheckpointError(f"{tokenizer.path or vocab} has {tokenizer.vocab_size} pieces but the checkpoint's "
                                          f"embedding has {rows} rows: the vocabulary does not belong to this run")
     model = Transformer(TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size))
     return Translator(model, params, tokenizer, config.decode.to_dict(), str(workdir), list(steps), config)
