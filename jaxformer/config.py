@@ -49,7 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # --- data
     c.data = d = ml_collections.ConfigDict()
-    d.source = "files"              # "hub" (a Hugging Face dataset by name), "files" (local), "synthetic" (offline default)
+    d.source = "files"              # "hub" (a Hugging Face dataset by name), "files" (local), "synthetic" (offline
+                                    # default), "treebank" (parsing: .mrg trees, linearized)
     d.hub_name = "wmt14"            # with source="hub"
     d.hub_config = "de-en"
     d.hub_field = "translation"     # the {lang: text} field of the WMT/Multi30k layout
@@ -83,6 +84,11 @@ def default_config() -> ml_collections.ConfigDict:
     d.prefetch = 4                  # batches made ahead of the device by a background thread (0: none)
     d.synthetic_size = 20_000       # with source="synthetic": training pairs generated
     d.synthetic_dir = "runs/synthetic_data"  # ... written here (a subfolder per size and seed), then read as files
+    d.treebank_dir = ""             # with source="treebank": the folder of wsj_NNNN.mrg files (any depth)
+    d.treebank_splits = "sample"    # its train/dev/test file ranges: "sample" (1-139/140-159/160-179) or "wsj"
+                                    # (sections 02-21/22/23); dev is the "valid" split
+    d.treebank_data_dir = "runs/treebank_data"  # the linearized splits are written here (words: <split>.<src_lang>,
+                                    # symbols: <split>.<tgt_lang>; a subfolder per treebank), then read as files
 
     # --- training
     c.train = t = ml_collections.ConfigDict()

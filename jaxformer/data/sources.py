@@ -1,7 +1,8 @@
 """Where pairs come from: a streaming Hugging Face `datasets.IterableDataset` of `{'src', 'tgt'}`.
 
-A hub dataset, local files (aligned `<prefix>.<lang>` text, .tsv, .jsonl/.json, .parquet) or the generated
-offline task, all through the same `datasets` API and the same mapping; one process reads its own shard
+A hub dataset, local files (aligned `<prefix>.<lang>` text, .tsv, .jsonl/.json, .parquet), the generated
+offline task or a Penn Treebank's linearized trees (parsing), all through the same `datasets` API and the
+same mapping; one process reads its own shard
 (`split_dataset_by_node`). Strings stay raw here: cleaning is counted where pairs are tokenized.
 `describe_source` is what the token cache's key says about the source, so an edited file is never
 served from a stale cache.
@@ -63,10 +64,9 @@ def _load_unsharded(data_cfg, split: str):
             raise DataError(f"data.{files_key} is empty; set it to a prefix of aligned files (<prefix>."
                             f"{data_cfg.src_lang}, <prefix>.{data_cfg.tgt_lang}) or a .tsv/.jsonl/.parquet file")
         return _load_files(spec, data_cfg, f"data.{files_key}")
-    if source == "synthetic":
-        prefix = os.path.join(ensure_synthetic(data_cfg), split)
-        return _load_files(prefix, data_cfg, "data.synthetic_dir")
-    raise DataError(f"data.source={source!r} is not one of 'hub', 'files', 'synthetic'")
+    if source in _WRITTEN:
+        return _load_files(_written_prefix(data_cfg, split), data_cfg, _WRITTEN[source])
+    raise DataError(f"data.source={source!r} is not one of 'hub', 'files', 'synthetic', 'treebank'")
 
 
 def _count_lines(path: str) -> int:
@@ -183,6 +183,73 @@ def ensure_synthetic(data_cfg) -> str:
     return directory
 
 
+# Which treebank split each pipeline split reads, and the named split ranges data.treebank_splits chooses from.
+_TREEBANK_SPLIT = {"train": "train", "valid": "dev", "test": "test"}
+
+
+def _treebank_ranges(data_cfg) -> dict:
+    from jaxformer.data import treebank
+
+    ranges = {"sample": treebank.SAMPLE_SPLITS, "wsj": treebank.WSJ_SPLITS}
+    if data_cfg.treebank_splits not in ranges:
+        raise DataError(f"data.treebank_splits={data_cfg.treebank_splits!r}: choose 'sample' (the free sample's "
+                        f"files 1-139/140-159/160-179) or 'wsj' (sections 02-21/22/23)")
+    return ranges[data_cfg.treebank_splits]
+
+
+def ensure_treebank(data_cfg) -> str:
+    """Linearize a treebank's train/dev/test trees once into aligned text files (`<split>.<src_lang>`: the
+    words, `<split>.<tgt_lang>`: the symbols; dev becomes `valid`), then read as files; returns their folder.
+    The folder is named by the .mrg files' names, sizes and times, so an edited treebank is written anew."""
+    import hashlib
+    import json
+
+    from jaxformer.data import treebank
+
+    if not data_cfg.treebank_dir:
+        raise DataError("data.treebank_dir is empty; with data.source='treebank' point it at the folder of "
+                        "wsj_NNNN.mrg files (e.g. ../shared/data/ptb_sample)")
+    if data_cfg.src_lang == data_cfg.tgt_lang:
+        raise DataError(f"data.src_lang and data.tgt_lang are both {data_cfg.src_lang!r}: the words and the trees "
+                        "need two file suffixes (e.g. en and tree)")
+    ranges = _treebank_ranges(data_cfg)
+    files = {split: treebank.split_files(data_cfg.treebank_dir, name, ranges)
+             for split, name in _TREEBANK_SPLIT.items()}
+    stamp = json.dumps({split: [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+                        for split, paths in files.items()}, sort_keys=True)
+    name = os.path.basename(os.path.normpath(str(data_cfg.treebank_dir))) or "treebank"
+    directory = os.path.join(data_cfg.get("treebank_data_dir", "") or "runs/treebank_data",
+                             f"{name}-{data_cfg.treebank_splits}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}")
+    done = os.path.join(directory, "COMPLETE")
+    if not os.path.exists(done):
+        log.info("linearizing the treebank %s into %s", data_cfg.treebank_dir, directory)
+        os.makedirs(directory, exist_ok=True)
+        counts = {}
+        for split, paths in files.items():
+            pairs = [treebank.linearize(tree) for tree in treebank.read_trees(paths)]
+            for lang, side in ((data_cfg.src_lang, 0), (data_cfg.tgt_lang, 1)):
+                tmp = os.path.join(directory, f"{split}.{lang}.tmp{os.getpid()}")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(" ".join(pair[side]) + "\n" for pair in pairs)
+                os.replace(tmp, os.path.join(directory, f"{split}.{lang}"))
+            counts[split] = len(pairs)
+        with open(done, "w") as f:
+            f.write(json.dumps({"treebank_dir": os.path.abspath(str(data_cfg.treebank_dir)),
+                                "splits": data_cfg.treebank_splits, "sentences": counts}) + "\n")
+    return directory
+
+
+# The sources written to aligned text files first: data.source -> the config key named in their errors.
+_WRITTEN = {"synthetic": "data.synthetic_dir", "treebank": "data.treebank_dir"}
+
+
+def _written_prefix(data_cfg, split: str) -> str:
+    """`<folder>/<split>` of a source written to aligned files (the offline task, a treebank)."""
+    _split_keys(split)
+    folder = ensure_synthetic(data_cfg) if data_cfg.source == "synthetic" else ensure_treebank(data_cfg)
+    return os.path.join(folder, split)
+
+
 def read_pairs(data_cfg, split: str, limit: int | None = None) -> list[tuple[str, str]]:
     """All (or the first `limit`) raw (src, tgt) pairs of a split, unsharded: for BLEU.
 
@@ -204,8 +271,7 @@ def _aligned_paths(data_cfg, split: str) -> list[str] | None:
     """The `<prefix>.<src_lang>`, `<prefix>.<tgt_lang>` files of a split that is read from aligned text files."""
     if data_cfg.source == "hub":
         return None
-    spec = (os.path.join(ensure_synthetic(data_cfg), split) if data_cfg.source == "synthetic"
-            else data_cfg[_split_keys(split)[1]])
+    spec = _written_prefix(data_cfg, split) if data_cfg.source in _WRITTEN else data_cfg[_split_keys(split)[1]]
     paths = [f"{spec}.{data_cfg.src_lang}", f"{spec}.{data_cfg.tgt_lang}"]
     return paths if spec and all(os.path.isfile(p) for p in paths) else None
 
@@ -242,8 +308,8 @@ def describe_source(data_cfg, split: str) -> dict:
     if data_cfg.source == "hub":
         out.update(hub=[data_cfg.hub_name, data_cfg.hub_config, data_cfg.hub_field, data_cfg[split_key]])
         return out
-    if data_cfg.source == "synthetic":
-        spec = os.path.join(ensure_synthetic(data_cfg), split)
+    if data_cfg.source in _WRITTEN:
+        spec = _written_prefix(data_cfg, split)
     else:
         spec = data_cfg[files_key]
     aligned = [f"{spec}.{data_cfg.src_lang}", f"{spec}.{data_cfg.tgt_lang}"]

@@ -82,8 +82,9 @@ class WordVocab:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path} is not readable JSON ({e}); it is not a word vocabulary") from None
-        if not isinstance(data, dict) or data.get("kind") != KIND:
-            raise DataError(f"{path}: not a word vocabulary (kind {data.get('kind') if isinstance(data, dict) else None!r})")
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind != KIND:
+            raise DataError(f"{path}: not a word vocabulary (kind {kind!r}); give a file from WordVocab.save")
         return cls(data["pieces"], data["targets"], min_count=data.get("min_count", 1), path=path)
 
     def save(self, path: str) -> None:

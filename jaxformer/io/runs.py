@@ -66,8 +66,9 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
                  workdir, steps, average_last)
     rows = _vocab_rows(params)
     if rows is not None and rows != tokenizer.vocab_size:
-        raise checkpoint.CheckpointError(f"{tokenizer.path or vocab} has {tokenizer.vocab_size} pieces but the checkpoint's "
-                                         f"embedding has {rows} rows: the vocabulary does not belong to this run")
+        raise checkpoint.CheckpointError(f"{tokenizer.path or vocab} has {tokenizer.vocab_size} pieces but the "
+                                         f"checkpoint's embedding has {rows} rows: the vocabulary does not belong "
+                                         f"to this run")
     model = Transformer(TransformerConfig.from_dict(config.model.to_dict(), vocab_size=tokenizer.vocab_size))
     return Translator(model, params, tokenizer, config.decode.to_dict(), str(workdir), list(steps), config)
 
