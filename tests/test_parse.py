@@ -67,3 +67,32 @@ def test_treebank_config_errors_name_the_key(small_treebank, tmp_path):
         ensure_treebank(treebank_config(small_treebank, tmp_path, treebank_splits="ptb").data)
     with pytest.raises(DataError, match="no wsj_NNNN.mrg file numbered 0200-2199"):
         ensure_treebank(treebank_config(small_treebank, tmp_path, treebank_splits="wsj").data)
+
+
+def load_recipe(name: str):
+    import importlib.util
+
+    from jaxformer.config import check_lengths, check_train_config
+    from jaxformer.model import TransformerConfig
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    check_train_config(config.train)
+    check_lengths(config)
+    TransformerConfig.from_dict(config.model.to_dict(), vocab_size=100)
+    return config
+
+
+def test_parse_recipes_hold_the_papers_search_and_layers():
+    sample, wsj = load_recipe("ptb_parse"), load_recipe("wsj_parse")
+    for c in (sample, wsj):
+        assert (c.model.num_encoder_layers, c.model.num_decoder_layers) == (4, 4)
+        assert (c.decode.beam_size, c.decode.length_penalty, c.decode.max_extra_len) == (21, 0.3, 300)
+        assert (c.data.source, c.data.vocab_kind) == ("treebank", "words")
+        assert c.model.max_len >= c.data.max_len + c.decode.max_extra_len  # room for input + 300
+    assert wsj.model.d_model == 1024 and wsj.data.treebank_splits == "wsj" and wsj.data.tokens_per_batch >= 25_000
+    assert sample.data.treebank_splits == "sample"
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / sample.data.treebank_dir / "wsj_0001.mrg").is_file()  # from the checkout, as train.py runs
