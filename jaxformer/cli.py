@@ -1,6 +1,8 @@
-"""The `jaxformer` command: translate, score, evaluate, export, import-marian, plot-attention, average.
+"""The `jaxformer` command: translate, parse, score, evaluate, export, import-marian, plot-attention, average.
 
     jaxformer translate --model RUN_OR_EXPORT [--average-last K] [--input FILE|-] [--output FILE] [--beam-size 4]
+    jaxformer parse --model PARSER [--input FILE|-] [--format bracket|jsonl] [--draw] [--pretokenized]
+                    [--no-grammar]                            (constituency parsing: jaxformer/parsing.py)
     jaxformer score --model RUN_OR_EXPORT --src test.en --tgt test.de [--format text|jsonl] [--per-token]
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
@@ -28,6 +30,8 @@ import sys
 from typing import Any
 
 from jaxformer.config import DECODE_PARALLEL, STOP_RULES
+from jaxformer.lines import count_lines as _count_lines, input_batches
+from jaxformer.lines import lines_as_they_come as _lines_as_they_come  # noqa: F401 - tests read it here
 
 __all__ = ["main"]
 
@@ -130,61 +134,6 @@ def _typed(value: str, like: Any, name: str) -> Any:
     return value
 
 
-def _stream_fd(stdin) -> int | None:
-    """stdin's descriptor where it is a terminal or a pipe; None for a file (or a stand-in without one)."""
-    import io
-    import stat
-
-    try:
-        fd = stdin.fileno()
-    except (AttributeError, io.UnsupportedOperation, ValueError):
-        return None
-    return None if stat.S_ISREG(os.fstat(fd).st_mode) else fd
-
-
-def _progress(total: int | None, batch_size: int, quiet: bool):
-    """A tqdm bar on stderr for a file of more than a few batches (`--quiet`: none)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True,
-                disable=quiet or total is None or total <= 4 * batch_size)
-
-
-def _lines_as_they_come(fd: int, size: int, wait: float = 0.01):
-    """Lines of a pipe or terminal in batches of what has arrived: wait for a line, then take every line
-    already there (up to `size`, and whatever comes within `wait` seconds), so that a person typing one line,
-    or a program writing one and waiting for its answer, gets it at once."""
-    import select
-
-    pending, lines = b"", []
-    while True:
-        if lines and (len(lines) >= size or not select.select([fd], [], [], wait)[0]):
-            yield lines[:size]
-            lines = lines[size:]
-            continue
-        data = os.read(fd, 1 << 16)
-        if not data:
-            break
-        *complete, pending = (pending + data).split(b"\n")
-        lines += [line.decode("utf-8").rstrip("\r") for line in complete]
-    if pending:
-        lines.append(pending.decode("utf-8").rstrip("\r"))
-    while lines:
-        yield lines[:size]
-        lines = lines[size:]
-
-
-def _chunks(lines, size: int):
-    chunk = []
-    for line in lines:
-        chunk.append(line.rstrip("\r\n"))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _cmd_translate(args) -> int:
     import contextlib
 
@@ -198,7 +147,6 @@ def _cmd_translate(args) -> int:
     elif args.nbest is not None and args.nbest > int(args.beam_size or translator.decode["beam_size"]):
         raise ValueError(f"--nbest {args.nbest} is larger than the beam size "
                          f"{args.beam_size or translator.decode['beam_size']}: use --beam-size {args.nbest} or more")
-    stream = _stream_fd(sys.stdin) if args.input == "-" else None
     total = None if args.input == "-" else _count_lines(args.input)
     prefixes = None
     if args.prefix is not None:
@@ -211,12 +159,7 @@ def _cmd_translate(args) -> int:
     with contextlib.ExitStack() as stack:
         to_stdout = args.output in (None, "-")
         sink = sys.stdout if to_stdout else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        if stream is not None:  # a terminal or a pipe: each line answered as soon as it is read
-            batches = _lines_as_they_come(stream, 32 * batch_size)
-        else:  # a file: large chunks (sorted by length within each), and a progress bar
-            source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
-            batches = _chunks(source, 32 * batch_size)
-        progress = stack.enter_context(_progress(total, batch_size, args.quiet))
+        batches, progress = input_batches(stack, args.input, batch_size, args.quiet)
         for lines in batches:  # translations appear batch by batch, in input order
             if args.sampling is not None:
                 overrides["first_index"] = count  # samples as in one call, whatever the chunks
@@ -235,9 +178,12 @@ def _cmd_translate(args) -> int:
     return 0
 
 
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+def _cmd_parse(args) -> int:
+    from jaxformer.parsing import parse_lines
+
+    parse_lines(_load(args), args.input, args.output, fmt=args.format, draw=args.draw, pretokenized=args.pretokenized,
+                grammar=not args.no_grammar, quiet=args.quiet, **_decode_overrides(args))
+    return 0
 
 
 def _translated_lines(translator, lines: list[str], args, overrides: dict, first: int) -> str:
@@ -430,6 +376,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl: one object per line, {source, hypotheses: [{text, score, log_prob, tokens}]}")
     _add_decode_args(p)
 
+    p = sub.add_parser("parse", help="parse sentences into constituency trees (a model trained on a treebank)")
+    _add_model_args(p)
+    p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
+    p.add_argument("--output", "-o", default=None, help="where to write one tree per line (default stdout)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
+    p.add_argument("--format", choices=("bracket", "jsonl"), default="bracket",
+                   help="bracket: one (TOP ...) tree per line, as EVALB reads; jsonl: {sentence, words, tree, "
+                        "symbols, repaired} per line")
+    p.add_argument("--draw", action="store_true", help="also print each tree as nltk's text drawing")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="the input is already tokenized as the treebank is (words separated by spaces); default: "
+                        "raw text, tokenized by nltk's TreebankWordTokenizer")
+    p.add_argument("--no-grammar", action="store_true",
+                   help="search without the grammar mask (for comparison): ill-formed outputs are repaired by a "
+                        "fixed rule (jaxformer.parsing.repair) and counted on stderr")
+    _add_decode_args(p)
+
     p = sub.add_parser("score", help="forced decoding: the log-prob of given translations, line by line",
                        description="Per line: the search's score (log-prob over the length penalty), the log-prob "
                                    "of the target with its EOS, and with --per-token each token's log-prob "
@@ -518,12 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("translate", "evaluate"):  # their searches split each batch over the cores
+    if args.command in ("translate", "parse", "evaluate"):  # their searches split each batch over the cores
         from jaxformer import parallel
         parallel.use_every_cpu_core()
     try:
         if args.command == "translate":
             return _cmd_translate(args)
+        if args.command == "parse":
+            return _cmd_parse(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args, extra)
         if args.command == "score":

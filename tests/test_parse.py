@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from jaxformer.config import default_config
 from jaxformer.data import DataError, get_tokenizer, make_batches, read_pairs
 from jaxformer.data.sources import ensure_treebank
-from jaxformer.data.treebank import linearize, read_trees
+from jaxformer.data.treebank import delinearize, linearize, read_trees
 
 PTB_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ptb_sample"
 FILES = {"train": (1, 2, 3, 4), "valid": (140,), "test": (160,)}  # a handful of the sample's files per split
@@ -96,3 +97,124 @@ def test_parse_recipes_hold_the_papers_search_and_layers():
     assert sample.data.treebank_splits == "sample"
     repo = Path(__file__).resolve().parents[1]
     assert (repo / sample.data.treebank_dir / "wsj_0001.mrg").is_file()  # from the checkout, as train.py runs
+
+
+# ------------------------------------------------------------------------------- a tiny parser, trained
+
+
+@pytest.fixture(scope="module")
+def tiny_parser(small_treebank, tmp_path_factory):
+    """A 1+1-layer, d_model 32 parser trained for a few steps on the small treebank, loaded."""
+    import jaxformer
+    from jaxformer.train import run
+
+    work = tmp_path_factory.mktemp("parser")
+    config = treebank_config(small_treebank, work, max_len=128, bucket_lengths=(128,), tokens_per_batch=1024)
+    config.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=192)
+    config.train.update(workdir=str(work / "run"), steps=8, warmup_steps=4, lr_scale=2.0, log_every=4,
+                        eval_every=0, eval_bleu_sentences=0, best_metric="nll", checkpoint_every_steps=8,
+                        keep_checkpoints=1, average_last=1, progress_bar=False, plot=False)
+    config.decode.update(beam_size=1, max_extra_len=60, batch_size=8)
+    run(config)
+    return jaxformer.load(work / "run"), read_pairs(config.data, "valid", limit=6)
+
+
+def test_every_masked_parse_of_the_dev_sentences_is_a_tree_with_a_tag_per_word(tiny_parser):
+    from jaxformer.parsing import parse_words
+
+    translator, pairs = tiny_parser
+    sentences = [source.split() for source, _ in pairs]
+    for beam in (1, 3):
+        parses = parse_words(translator, sentences, beam_size=beam)
+        for words, parse in zip(sentences, parses):
+            assert not parse.repaired
+            assert parse.tree.leaves() == words and len(parse.tree.pos()) == len(words)
+            assert delinearize(parse.symbols, words) == parse.tree  # well formed as searched
+
+
+def run_cli(args, capsys):
+    from jaxformer import cli
+
+    rc = cli.main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_parse_command_writes_trees_jsonl_and_drawings(tiny_parser, tmp_path, capsys):
+    from nltk.tree import Tree
+
+    from jaxformer.parsing import tokenize
+
+    translator, _ = tiny_parser
+    raw = ["The cat (a tabby) didn't sit.", "", "Pierre Vinken will join the board."]
+    (tmp_path / "in.txt").write_text("\n".join(raw) + "\n")
+    model = ["--model", translator.source, "--input", str(tmp_path / "in.txt")]
+    rc, out, err = run_cli(["parse", *model], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[1] == ""
+    for text, line in ((raw[0], lines[0]), (raw[2], lines[2])):
+        tree = Tree.fromstring(line)
+        assert tree.label() == "TOP" and tree.leaves() == tokenize(text)
+    assert tokenize(raw[0])[:6] == ["The", "cat", "-LRB-", "a", "tabby", "-RRB-"]
+    rc, out, _ = run_cli(["parse", *model, "--format", "jsonl"], capsys)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["tree"] for r in records] == lines and records[0]["words"] == tokenize(raw[0])
+    rc, out, _ = run_cli(["parse", *model, "--draw"], capsys)
+    drawn = out.splitlines()
+    assert drawn[0] == lines[0] and "___" in out and lines[2] in drawn
+    assert [w for w in drawn[-2].split() if w != "|"] == tokenize(raw[2])  # the drawing's last row: the words
+    (tmp_path / "tok.txt").write_text("Do n't -LRB- stop -RRB- .\n")
+    rc, out, _ = run_cli(["parse", "--model", translator.source, "--input", str(tmp_path / "tok.txt"),
+                          "--pretokenized"], capsys)
+    assert Tree.fromstring(out).leaves() == ["Do", "n't", "-LRB-", "stop", "-RRB-", "."]
+
+
+def test_without_the_mask_ill_formed_outputs_are_repaired_and_counted(tiny_parser, tmp_path, capsys):
+    from nltk.tree import Tree
+
+    translator, pairs = tiny_parser
+    (tmp_path / "dev.txt").write_text("".join(source + "\n" for source, _ in pairs))
+    rc, out, err = run_cli(["parse", "--model", translator.source, "--input", str(tmp_path / "dev.txt"),
+                            "--pretokenized", "--no-grammar", "--format", "jsonl"], capsys)
+    assert rc == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    repaired = sum(r["repaired"] for r in records)
+    assert repaired > 0 and f"parse: {repaired} of {len(pairs)} outputs were not well-formed" in err
+    for (source, _), record in zip(pairs, records):
+        assert Tree.fromstring(record["tree"]).leaves() == source.split()
+
+
+def test_a_sentence_over_the_limit_is_an_error_saying_the_limit(tiny_parser, tmp_path, capsys):
+    translator, _ = tiny_parser
+    (tmp_path / "long.txt").write_text("short one\n" + " ".join(["word"] * 200) + "\n")
+    rc, out, err = run_cli(["parse", "--model", translator.source, "--input", str(tmp_path / "long.txt")], capsys)
+    assert rc == 1 and out == ""
+    assert err.strip() == (f"error: {tmp_path / 'long.txt'}:2: 200 words, more than this model's limit of 189 "
+                           f"(model.max_len=192 - 3); split the sentence")
+
+
+def test_a_translation_model_is_not_a_parser():
+    from types import SimpleNamespace
+
+    from jaxformer.parsing import ParseError, parse_words
+
+    with pytest.raises(ParseError, match="x is not a parser: its vocabulary is 'sentencepiece'"):
+        parse_words(SimpleNamespace(tokenizer=SimpleNamespace(kind="sentencepiece"), source="x"), [["a"]])
+
+
+@pytest.mark.parametrize("symbols, words, expected", [
+    ("(S (NP DT NN ) (VP VBD ) . )", 4, "(S (NP DT NN ) (VP VBD ) . )"),  # well formed: unchanged
+    (") (S DT ) ) NN )", 2, "(S DT NN )"),          # a ')' closing nothing, one ending the root too soon
+    ("(S (NP ) DT DT DT )", 2, "(S (NP DT DT ) )"),  # an empty constituent kept open; a tag with no word left
+    ("(S (NP DT", 3, "(S (NP DT NN NN ) )"),        # missing tags, open brackets closed at the end
+    ("DT NN", 2, "(S NN NN )"),                      # no bracket at all: tags outside dropped, rooted in (S
+    ("(S DT ) (S NN )", 1, "(S DT )"),               # whatever follows the complete tree is dropped
+    ("(S (NP DT ) (PP", 1, "(S (NP DT ) )"),         # constituents left empty at the end are removed
+])
+def test_repair_makes_one_tree_by_the_fixed_rule(symbols, words, expected):
+    from jaxformer.parsing import repair
+
+    fixed = repair(symbols.split(), words)
+    assert " ".join(fixed) == expected
+    delinearize(fixed, [f"w{i}" for i in range(words)])
