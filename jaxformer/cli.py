@@ -289,7 +289,8 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
                             average_last=args.average_last, step=args.step, best=args.best,
                             average_best=args.average_best, data_overrides=data_overrides,
                             decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
-                            tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split)
+                            tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split,
+                            grammar=not args.no_grammar)
     print(result.lines(), end="")
     return 0
 
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None, help="alpha of the score (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per batch")
 
-    p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU",
+    p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU (a parser: parseval)",
                        epilog="Data overrides: --config.data.KEY=VALUE (or --data.KEY=VALUE) for any data.* config "
                               "key, e.g. --config.data.source=files "
                               "--config.data.test_files=../shared/data/multi30k/test2016")
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every combination, e.g. --split valid --sweep average_last=1,5,10 "
                         "length_penalty=0.6,0.8,1.0 (or average_best=..., any decode option), print the table "
                         "and the best; writes sweep.json")
+    p.add_argument("--no-grammar", action="store_true", help="a parser (scored by parseval): search without the "
+                   "grammar mask; ill-formed trees are repaired (jaxformer.parsing.repair) and counted")
     p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "
                    "Moses-tokenized, hyphens split as tensor2tensor's get_ende_bleu.sh")
     _add_decode_args(p)

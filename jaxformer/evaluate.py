@@ -11,6 +11,11 @@ explicit --src/--ref files; an output directory for the hypotheses and the score
 `jaxformer evaluate --sweep`: the settings a recipe reports (checkpoints averaged, length penalty, ...)
 chosen by a command on the validation split, not by hand.
 
+A parser (a run whose vocabulary is "words", trained on a treebank) is scored instead as parsing papers
+do: its trees, searched with the grammar mask, against the gold ones by `jaxformer.parseval` (EVALB's
+COLLINS.prm), on all sentences and on those of at most 40 words; the gold and predicted trees
+(`<name>.gold`, `<name>.parsed`, one `(TOP ...)` per line, as EVALB reads) are written beside the scores.
+
 Every line of the test set is scored, as sacreBLEU and the papers do: unlike training,
 which skips pairs with an empty side or a U+FFFD (undecodable bytes), evaluation keeps
 them; an empty source gets an empty translation, and the counts are logged and saved.
@@ -18,6 +23,7 @@ them; an empty source gets an empty translation, and the counts are logged and s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +35,7 @@ from jaxformer.bleu import BleuResult, bleu_scores, compound_split_bleu, corpus_
 
 # (the first three live in jaxformer.bleu; kept here for existing callers)
 __all__ = ["corpus_bleu", "bleu_scores", "BleuResult", "evaluate_texts", "run_evaluation", "read_lines",
-           "read_test_lines", "parse_sweep", "run_sweep"]
+           "read_test_lines", "parse_sweep", "run_sweep", "ParsevalResult"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
                    data_overrides: Mapping[str, Any] | None = None,
                    decode_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
                    tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
-                   compound_split: bool = False, lang: str | None = None) -> BleuResult:
+                   compound_split: bool = False, lang: str | None = None, grammar: bool = True):
     """Translate a test set and write `out_dir/{split}.hyp` (one line per source), `bleu.json` and `bleu.txt`.
 
     A workdir is evaluated as the average of its last `train.average_last` checkpoints unless `average_last`
@@ -109,7 +115,8 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     as they are; `tok_refs` (a file of lowercased Moses-tokenized references aligned
     with the test set) adds the Moses-tokenized lowercased BLEU of raw output; `compound_split` adds the
     Transformer paper's compound-split BLEU. `lang` (Moses' language) defaults to the run's data.tgt_lang.
-    Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`."""
+    Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`. A parser is
+    scored by parseval instead (`ParsevalResult`; `grammar=False` searches without the mask)."""
     from jaxformer.config import default_config
     from jaxformer.io import load
 
@@ -125,6 +132,11 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     model_path = pathlib.Path(model_path)
     translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
     config = translator.config if translator.config is not None else default_config()
+    if getattr(translator.tokenizer, "kind", None) == "words":
+        test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
+        out = pathlib.Path(out_dir) if out_dir is not None else model_path / "evaluation" / test_set[3]
+        return evaluate_parser(translator, *test_set, out, grammar=grammar,
+                               decode_overrides=decode_overrides, model_path=str(model_path))
     lang = lang or config.data.tgt_lang
     if tokenize is None:
         tokenize = config.train.get("bleu_tokenize") or None
@@ -168,6 +180,66 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     (out / "bleu.txt").write_text(result.lines())
     log.info("%s (lowercased: %.2f) on %d sentences of %s%s; files in %s", result.text, result.lowercased.score,
              len(sources), origin, f", checkpoint steps {steps}" if steps else "", out)
+    return result
+
+
+@dataclasses.dataclass
+class ParsevalResult:
+    """A parser's scores (`jaxformer.parseval.Score`: all sentences and those of <= 40 words) and how many
+    of its outputs were not well-formed trees (repaired by `jaxformer.parsing.repair` before scoring)."""
+
+    score: Any
+    ill_formed: int
+    sentences: int
+
+    def to_json(self) -> dict:
+        return {"parseval": self.score.as_dict(), "ill_formed": self.ill_formed, "sentences": self.sentences}
+
+    def lines(self) -> str:
+        """EVALB's summary figures, one line per length range."""
+        rows = [f"{'':>8} {'P':>6} {'R':>6} {'F1':>6} {'exact':>6} {'tags':>6} {'scored':>7} {'ill-formed':>10}"]
+        for name, counts in (("all", self.score.all), ("<=40", self.score.short)):
+            rows.append(f"{name:>8} {counts.precision:6.2f} {counts.recall:6.2f} {counts.f1:6.2f} "
+                        f"{counts.complete_match:6.2f} {counts.tagging_accuracy:6.2f} {counts.scored:7d} "
+                        f"{self.ill_formed if name == 'all' else '':>10}")
+        return "\n".join(rows) + "\n"
+
+
+def evaluate_parser(translator, sources: Sequence[str], references: Sequence[str], origin: str, name: str,
+                    out: pathlib.Path, *, grammar: bool = True, decode_overrides: Mapping[str, Any] | None = None,
+                    model_path: str = "") -> ParsevalResult:
+    """Parse `sources` (words, one sentence per line) and score the trees against `references` (the gold
+    trees linearized, as the treebank source writes them); writes `<name>.gold`, `<name>.parsed`,
+    parseval.json and parseval.txt into `out`."""
+    from jaxformer.data.treebank import IllFormedTree, delinearize, to_bracket
+    from jaxformer.parseval import score_trees
+    from jaxformer.parsing import parse_words
+
+    words = [s.split() for s in sources]
+    gold = []
+    for line, (symbols, sentence) in enumerate(zip(references, words), 1):
+        try:
+            gold.append(delinearize(symbols.split(), sentence))
+        except IllFormedTree as e:
+            raise ValueError(f"{origin}, line {line}: the reference is not a linearized tree over its words ({e}); "
+                             f"evaluate a parser on a treebank split (data.source=treebank)") from None
+    start = time.time()
+    parses = parse_words(translator, words, grammar=grammar, **dict(decode_overrides or {}))
+    seconds = time.time() - start
+    result = ParsevalResult(score_trees(gold, [p.tree for p in parses]), sum(p.repaired for p in parses),
+                            len(parses))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.gold").write_text("".join(to_bracket(t) + "\n" for t in gold), encoding="utf-8")
+    (out / f"{name}.parsed").write_text("".join(to_bracket(p.tree) + "\n" for p in parses), encoding="utf-8")
+    settings = dict(translator.decode)
+    settings.update({k: v for k, v in (decode_overrides or {}).items() if v is not None})
+    info = {**result.to_json(), "model": model_path, "checkpoint_steps": translator.checkpoint_steps,
+            "test_set": origin, "grammar": grammar, "decode": settings, "seconds": round(seconds, 2),
+            "sentences_per_second": round(len(parses) / max(seconds, 1e-9), 2)}
+    (out / "parseval.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "parseval.txt").write_text(result.lines())
+    log.info("parseval F1 %.2f (<= 40 words: %.2f), %d ill-formed, on %d sentences of %s; files in %s",
+             result.score.all.f1, result.score.short.f1, result.ill_formed, len(parses), origin, out)
     return result
 
 

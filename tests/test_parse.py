@@ -218,3 +218,29 @@ def test_repair_makes_one_tree_by_the_fixed_rule(symbols, words, expected):
     fixed = repair(symbols.split(), words)
     assert " ".join(fixed) == expected
     delinearize(fixed, [f"w{i}" for i in range(words)])
+
+
+def test_evaluate_scores_a_parser_by_parseval_and_writes_gold_and_parsed_trees(tiny_parser, small_treebank, tmp_path,
+                                                                                 capsys):
+    from nltk.tree import Tree
+
+    from jaxformer.data.treebank import to_bracket
+    from jaxformer.parseval import score_trees
+
+    translator, _ = tiny_parser
+    out = tmp_path / "eval"
+    rc, stdout, err = run_cli(["evaluate", "--model", translator.source, "--split", "valid", "--limit", "5",
+                               "--out", str(out)], capsys)
+    assert rc == 0, err
+    gold = read_trees([small_treebank / "wsj_0140.mrg"])[:5]
+    assert (out / "valid.gold").read_text().splitlines() == [to_bracket(t) for t in gold]
+    parsed = [Tree.fromstring(line) for line in (out / "valid.parsed").read_text().splitlines()]
+    assert [t.leaves() for t in parsed] == [t.leaves() for t in gold]
+    info = json.loads((out / "parseval.json").read_text())
+    assert info["ill_formed"] == 0 and info["sentences"] == 5 and info["grammar"] is True
+    expected = score_trees(gold, [t[0] for t in parsed]).as_dict()  # the same scorer on the written files
+    assert info["parseval"] == expected and info["parseval"]["all"]["scored"] == 5
+    assert stdout.splitlines()[0].split() == ["P", "R", "F1", "exact", "tags", "scored", "ill-formed"]
+    row = stdout.splitlines()[1].split()
+    assert row[0] == "all" and float(row[3]) == pytest.approx(expected["all"]["f1"], abs=0.01)
+    assert stdout.splitlines()[2].startswith("    <=40")
