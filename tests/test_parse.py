@@ -244,3 +244,17 @@ def test_evaluate_scores_a_parser_by_parseval_and_writes_gold_and_parsed_trees(t
     row = stdout.splitlines()[1].split()
     assert row[0] == "all" and float(row[3]) == pytest.approx(expected["all"]["f1"], abs=0.01)
     assert stdout.splitlines()[2].startswith("    <=40")
+
+
+def test_an_exported_parser_keeps_its_word_vocabulary_and_parses_alike(tiny_parser, tmp_path, capsys):
+    import jaxformer
+    from jaxformer.parsing import parse_words
+
+    translator, pairs = tiny_parser
+    rc, _, err = run_cli(["export", "--model", translator.source, "--out", str(tmp_path / "export")], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "export" / "vocab.words.json").is_file()
+    exported = jaxformer.load(tmp_path / "export")
+    sentences = [source.split() for source, _ in pairs[:3]]
+    assert exported.tokenizer.serialized == translator.tokenizer.serialized
+    assert [p.tree for p in parse_words(exported, sentences)] == [p.tree for p in parse_words(translator, sentences)]
