@@ -23,7 +23,8 @@ from nltk.tree import Tree
 from jaxformer.data.treebank import CLOSE, IllFormedTree, delinearize, to_bracket
 from jaxformer.translate import search_ids
 
-__all__ = ["ParseError", "Parse", "tokenize", "word_limit", "parse_words", "repair", "format_parses", "parse_lines"]
+__all__ = ["ParseError", "Parse", "tokenize", "word_limit", "parse_words", "repair", "format_parses", "parse_lines",
+           "validation_scores"]
 
 FILL_TAG = "NN"  # the tag `repair` gives a word the output left untagged
 FILL_ROOT = "S"  # the root `repair` opens when the output opened none
@@ -194,6 +195,22 @@ def parse_lines(translator, path: str = "-", output: str | None = None, *, fmt: 
               f"repaired (jaxformer.parsing.repair){'' if not grammar else ' (cut off at the length limit)'}",
               file=sys.stderr)
     return counts
+
+
+def validation_scores(model, params, tokenizer, pairs: Sequence[tuple[str, str]], decode_cfg) -> tuple[dict, list]:
+    """A parser's validation during training, on (words, linearized gold tree) pairs: ({"f1" (parseval, all
+    sentences), "f1_40" (<= 40 words), "tagging_accuracy", "exact_match" (a fraction), "ill_formed"}, the
+    parsed trees as brackets). Sentences over `word_limit` are left out."""
+    from jaxformer.parseval import score_trees
+    from jaxformer.translate import Translator
+
+    translator = Translator(model, params, tokenizer, decode=decode_cfg)
+    pairs = [(s.split(), t.split()) for s, t in pairs if len(s.split()) <= word_limit(translator)]
+    parses = parse_words(translator, [words for words, _ in pairs])
+    score = score_trees([delinearize(symbols, words) for words, symbols in pairs], [p.tree for p in parses])
+    return ({"f1": score.all.f1, "f1_40": score.short.f1, "tagging_accuracy": score.all.tagging_accuracy,
+             "exact_match": score.all.complete_match / 100, "ill_formed": sum(p.repaired for p in parses)},
+            [to_bracket(p.tree) for p in parses])
 
 
 def _drawing(tree: Tree) -> str:

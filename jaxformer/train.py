@@ -65,6 +65,9 @@ def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, 
     from jaxformer.bleu import bleu_scores
     from jaxformer.translate import translate_texts
 
+    if getattr(tokenizer, "kind", None) == "words":  # a parser: dev parseval F1 instead (jaxformer.parsing)
+        from jaxformer.parsing import validation_scores
+        return validation_scores(model, parallel.to_local(params), tokenizer, pairs, decode_cfg)
     hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)
     references = [t for _, t in pairs]
     bleu = bleu_scores(hypotheses, references, tokenize=tokenize or None)

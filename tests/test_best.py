@@ -80,7 +80,7 @@ def test_auto_metric_is_bleu_when_validation_scores_it():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("best_metric", "accuracy", r"train.best_metric='accuracy': must be auto, bleu, loss, nll$"),
+    ("best_metric", "accuracy", r"train.best_metric='accuracy': must be auto, bleu, f1, loss, nll$"),
     ("keep_best", -1, r"train.keep_best=-1: must be >= 0"),
     ("early_stopping_patience", -2, r"train.early_stopping_patience=-2: must be >= 0"),
 ])

@@ -112,17 +112,23 @@ def tiny_parser(small_treebank, tmp_path_factory):
     config = treebank_config(small_treebank, work, max_len=128, bucket_lengths=(128,), tokens_per_batch=1024)
     config.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=192)
     config.train.update(workdir=str(work / "run"), steps=8, warmup_steps=4, lr_scale=2.0, log_every=4,
-                        eval_every=0, eval_bleu_sentences=0, best_metric="nll", checkpoint_every_steps=8,
-                        keep_checkpoints=1, average_last=1, progress_bar=False, plot=False)
+                        eval_every=0, eval_bleu_sentences=4, best_metric="f1", keep_best=1,
+                        checkpoint_every_steps=8, keep_checkpoints=1, average_last=1, progress_bar=False, plot=False)
     config.decode.update(beam_size=1, max_extra_len=60, batch_size=8)
-    run(config)
-    return jaxformer.load(work / "run"), read_pairs(config.data, "valid", limit=6)
+    result = run(config)
+    return jaxformer.load(work / "run"), read_pairs(config.data, "valid", limit=6), result
+
+
+def test_training_validates_a_parser_by_dev_f1(tiny_parser):
+    result = tiny_parser[2]
+    assert result["valid_ill_formed"] == 0 and 0 <= result["valid_f1"] <= 100 and "valid_bleu" not in result
+    assert result["valid_best_step"] == 8 and result["valid_best_f1"] == result["valid_f1"]
 
 
 def test_every_masked_parse_of_the_dev_sentences_is_a_tree_with_a_tag_per_word(tiny_parser):
     from jaxformer.parsing import parse_words
 
-    translator, pairs = tiny_parser
+    translator, pairs, _ = tiny_parser
     sentences = [source.split() for source, _ in pairs]
     for beam in (1, 3):
         parses = parse_words(translator, sentences, beam_size=beam)
@@ -145,7 +151,7 @@ def test_parse_command_writes_trees_jsonl_and_drawings(tiny_parser, tmp_path, ca
 
     from jaxformer.parsing import tokenize
 
-    translator, _ = tiny_parser
+    translator, _, _ = tiny_parser
     raw = ["The cat (a tabby) didn't sit.", "", "Pierre Vinken will join the board."]
     (tmp_path / "in.txt").write_text("\n".join(raw) + "\n")
     model = ["--model", translator.source, "--input", str(tmp_path / "in.txt")]
@@ -173,7 +179,7 @@ def test_parse_command_writes_trees_jsonl_and_drawings(tiny_parser, tmp_path, ca
 def test_without_the_mask_ill_formed_outputs_are_repaired_and_counted(tiny_parser, tmp_path, capsys):
     from nltk.tree import Tree
 
-    translator, pairs = tiny_parser
+    translator, pairs, _ = tiny_parser
     (tmp_path / "dev.txt").write_text("".join(source + "\n" for source, _ in pairs))
     rc, out, err = run_cli(["parse", "--model", translator.source, "--input", str(tmp_path / "dev.txt"),
                             "--pretokenized", "--no-grammar", "--format", "jsonl"], capsys)
@@ -186,7 +192,7 @@ def test_without_the_mask_ill_formed_outputs_are_repaired_and_counted(tiny_parse
 
 
 def test_a_sentence_over_the_limit_is_an_error_saying_the_limit(tiny_parser, tmp_path, capsys):
-    translator, _ = tiny_parser
+    translator, _, _ = tiny_parser
     (tmp_path / "long.txt").write_text("short one\n" + " ".join(["word"] * 200) + "\n")
     rc, out, err = run_cli(["parse", "--model", translator.source, "--input", str(tmp_path / "long.txt")], capsys)
     assert rc == 1 and out == ""
@@ -227,7 +233,7 @@ def test_evaluate_scores_a_parser_by_parseval_and_writes_gold_and_parsed_trees(t
     from jaxformer.data.treebank import to_bracket
     from jaxformer.parseval import score_trees
 
-    translator, _ = tiny_parser
+    translator, _, _ = tiny_parser
     out = tmp_path / "eval"
     rc, stdout, err = run_cli(["evaluate", "--model", translator.source, "--split", "valid", "--limit", "5",
                                "--out", str(out)], capsys)
@@ -250,7 +256,7 @@ def test_an_exported_parser_keeps_its_word_vocabulary_and_parses_alike(tiny_pars
     import jaxformer
     from jaxformer.parsing import parse_words
 
-    translator, pairs = tiny_parser
+    translator, pairs, _ = tiny_parser
     rc, _, err = run_cli(["export", "--model", translator.source, "--out", str(tmp_path / "export")], capsys)
     assert rc == 0, err
     assert (tmp_path / "export" / "vocab.words.json").is_file()
