@@ -211,18 +211,11 @@ def evaluate_parser(translator, sources: Sequence[str], references: Sequence[str
     """Parse `sources` (words, one sentence per line) and score the trees against `references` (the gold
     trees linearized, as the treebank source writes them); writes `<name>.gold`, `<name>.parsed`,
     parseval.json and parseval.txt into `out`."""
-    from jaxformer.data.treebank import IllFormedTree, delinearize, to_bracket
+    from jaxformer.data.treebank import to_bracket
     from jaxformer.parseval import score_trees
     from jaxformer.parsing import parse_words
 
-    words = [s.split() for s in sources]
-    gold = []
-    for line, (symbols, sentence) in enumerate(zip(references, words), 1):
-        try:
-            gold.append(delinearize(symbols.split(), sentence))
-        except IllFormedTree as e:
-            raise ValueError(f"{origin}, line {line}: the reference is not a linearized tree over its words ({e}); "
-                             f"evaluate a parser on a treebank split (data.source=treebank)") from None
+    words, gold = _gold_trees(sources, references, origin)
     start = time.time()
     parses = parse_words(translator, words, grammar=grammar, **dict(decode_overrides or {}))
     seconds = time.time() - start
@@ -241,6 +234,29 @@ def evaluate_parser(translator, sources: Sequence[str], references: Sequence[str
     log.info("parseval F1 %.2f (<= 40 words: %.2f), %d ill-formed, on %d sentences of %s; files in %s",
              result.score.all.f1, result.score.short.f1, result.ill_formed, len(parses), origin, out)
     return result
+
+
+def _gold_trees(sources: Sequence[str], references: Sequence[str], origin: str) -> tuple[list, list]:
+    """(the words of each source, the gold tree of each linearized reference); one line naming a bad one."""
+    from jaxformer.data.treebank import IllFormedTree, delinearize
+
+    words, gold = [s.split() for s in sources], []
+    for line, (symbols, sentence) in enumerate(zip(references, words), 1):
+        try:
+            gold.append(delinearize(symbols.split(), sentence))
+        except IllFormedTree as e:
+            raise ValueError(f"{origin}, line {line}: the reference is not a linearized tree over its words ({e}); "
+                             f"evaluate a parser on a treebank split (data.source=treebank)") from None
+    return words, gold
+
+
+def _parser_f1(translator, sources: Sequence[str], references: Sequence[str], origin: str, **decode) -> float:
+    """A parser's parseval F1 (all sentences) on a test set: what a sweep over its settings compares."""
+    from jaxformer.parseval import score_trees
+    from jaxformer.parsing import parse_words
+
+    words, gold = _gold_trees(sources, references, origin)
+    return score_trees(gold, [p.tree for p in parse_words(translator, words, **decode)]).all.f1
 
 
 # A sweep's checkpoint choices (one of them per sweep); every other key is a decode option.
@@ -279,7 +295,8 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
               **choice) -> tuple[list[dict], str]:
     """Score every combination of `grid` (`parse_sweep`) on one split (choose on valid, score test once):
     (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
-    to `out_dir/sweep.json`. The score is cased sacreBLEU, or with `tokenized` tokenized BLEU. `choice`
+    to `out_dir/sweep.json`. The score is cased sacreBLEU, or with `tokenized` tokenized BLEU (a parser:
+    parseval F1, in `f1`). `choice`
     (step, average_last, best, average_best) picks the checkpoints when the grid does not."""
     import itertools
 
@@ -305,17 +322,21 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
         for settings in itertools.product(*(grid[k] for k in decode_keys)):
             decode = dict(zip(decode_keys, settings))
             row = {**dict(zip(swept, values)), **decode}
-            hypotheses = translator.translate(sources, **{**dict(decode_overrides or {}), **decode})
-            score = (tokenized_bleu(hypotheses, references) if tokenized
-                     else bleu_scores(hypotheses, references, tokenize=tokenize)).score
-            rows.append({**row, "bleu": score, "checkpoint_steps": translator.checkpoint_steps})
-            log.info("sweep %s: BLEU %.2f", row, score)
-    best = max(rows, key=lambda r: r["bleu"])  # ties: the first in grid order
+            settings = {**dict(decode_overrides or {}), **decode}
+            if getattr(translator.tokenizer, "kind", None) == "words":  # a parser: parseval F1
+                metric, score = "f1", _parser_f1(translator, sources, references, origin, **settings)
+            else:
+                hypotheses = translator.translate(sources, **settings)
+                metric, score = "bleu", (tokenized_bleu(hypotheses, references) if tokenized
+                                         else bleu_scores(hypotheses, references, tokenize=tokenize)).score
+            rows.append({**row, metric: score, "checkpoint_steps": translator.checkpoint_steps})
+            log.info("sweep %s: %s %.2f", row, metric, score)
+    best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
-    lines = ["  ".join(f"{k:>14}" for k in [*keys, "bleu"])]
-    lines += ["  ".join([*(f"{r[k]!s:>14}" for k in keys), f"{r['bleu']:>14.2f}"]) for r in rows]
-    what = "tokenized BLEU" if tokenized else "BLEU"
-    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys)} ({what} {best['bleu']:.2f} on {origin})")
+    lines = ["  ".join(f"{k:>14}" for k in [*keys, metric])]
+    lines += ["  ".join([*(f"{r[k]!s:>14}" for k in keys), f"{r[metric]:>14.2f}"]) for r in rows]
+    what = "parseval F1" if metric == "f1" else "tokenized BLEU" if tokenized else "BLEU"
+    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys)} ({what} {best[metric]:.2f} on {origin})")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best},

@@ -264,3 +264,17 @@ def test_an_exported_parser_keeps_its_word_vocabulary_and_parses_alike(tiny_pars
     sentences = [source.split() for source, _ in pairs[:3]]
     assert exported.tokenizer.serialized == translator.tokenizer.serialized
     assert [p.tree for p in parse_words(exported, sentences)] == [p.tree for p in parse_words(translator, sentences)]
+
+
+def test_a_sweep_chooses_a_parsers_settings_by_dev_f1(tiny_parser, tmp_path, capsys):
+    translator, _, _ = tiny_parser
+    common = ["--model", translator.source, "--split", "valid", "--limit", "3"]
+    rc, table, err = run_cli(["evaluate", *common, "--sweep", "beam_size=1,2", "--out", str(tmp_path / "s")], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    assert [r["beam_size"] for r in rows] == [1, 2] and all("f1" in r and "bleu" not in r for r in rows)
+    assert table.splitlines()[0].split() == ["beam_size", "f1"] and "(parseval F1 " in table.splitlines()[-1]
+    rc, _, err = run_cli(["evaluate", *common, "--beam-size", "2", "--out", str(tmp_path / "e")], capsys)
+    assert rc == 0, err
+    f1 = json.loads((tmp_path / "e" / "parseval.json").read_text())["parseval"]["all"]["f1"]
+    assert rows[1]["f1"] == pytest.approx(f1)
