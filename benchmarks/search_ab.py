@@ -134,6 +134,9 @@ def main(argv=None):
             if args.features and beam == 1:  # sampling is greedy's loop with a draw
                 engines["jaxformer sampling=full"] = go(sampling="full", seed=1)
                 engines["jaxformer sampling=topk:10"] = go(sampling="topk:10", seed=1)
+                if old_translator is not None:  # the sampling of commit REV, beside ours
+                    engines[f"jaxformer@{args.compare} sampling=topk:10"] = go(old_translator, sampling="topk:10",
+                                                                               seed=1)
             if args.devices > 1:  # our default on CPU devices is a batch per device; beside it, each batch split
                 engines["jaxformer parallel=split"] = go(parallel="split")
             if old_translator is not None:
