@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SKIP_REASONS = ("empty", "bad_utf8", "too_long")
+
+
+def output_ids(seq) -> list[int]:
+    """A decoded row's ids (list or array) as a vocabulary turns them into text: up to its first EOS,
+    without PAD and BOS."""
+    seq = [int(i) for i in np.asarray(seq).reshape(-1)]
+    if EOS_ID in seq:
+        seq = seq[:seq.index(EOS_ID)]
+    return [i for i in seq if i not in (PAD_ID, BOS_ID)]
 
 
 class DataError(ValueError):

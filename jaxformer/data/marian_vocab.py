@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError
+from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, output_ids
 
 __all__ = ["IdMap", "MarianVocab", "DIRNAME", "KIND"]
 
@@ -260,11 +260,7 @@ class MarianVocab:
         out = []
         to_marian = self.ids.to_marian
         for seq in ids:
-            seq = [int(i) for i in np.asarray(seq).reshape(-1)]
-            if EOS_ID in seq:
-                seq = seq[:seq.index(EOS_ID)]
-            pieces = [self._pieces[to_marian[i]] for i in seq
-                      if i not in (PAD_ID, BOS_ID) and to_marian[i] not in self._special_marian]
+            pieces = [self._pieces[to_marian[i]] for i in output_ids(seq) if to_marian[i] not in self._special_marian]
             text = self._target.decode_pieces(pieces) if pieces else ""
             out.append(text.replace(SPIECE_UNDERLINE, " ").strip())
         return out

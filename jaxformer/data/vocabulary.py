@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from jaxformer.data import marian_vocab, word_vocab
-from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, clean, process_info
+from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, clean, output_ids, process_info
 from jaxformer.data.sources import pair_batches
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,7 @@ class Tokenizer:
 
     def decode(self, ids) -> list[str]:
         """Text of each id sequence (list or array rows): stops at EOS, ignores PAD and BOS."""
-        out = []
-        for seq in ids:
-            seq = [int(i) for i in np.asarray(seq).reshape(-1)]
-            if EOS_ID in seq:
-                seq = seq[:seq.index(EOS_ID)]
-            out.append(self._sp.decode([i for i in seq if i not in (PAD_ID, BOS_ID)]))
-        return out
+        return [self._sp.decode(output_ids(seq)) for seq in ids]
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))

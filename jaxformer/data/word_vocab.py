@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError
+from jaxformer.data.common import EOS_ID, UNK_ID, DataError, output_ids
 
 __all__ = ["KIND", "FILENAME", "WordVocab"]
 
@@ -123,13 +123,7 @@ class WordVocab:
 
     def decode(self, ids) -> list[str]:
         """The tokens of each id sequence joined by spaces: stops at EOS, ignores PAD and BOS."""
-        out = []
-        for seq in ids:
-            seq = [int(i) for i in np.asarray(seq).reshape(-1)]
-            if EOS_ID in seq:
-                seq = seq[:seq.index(EOS_ID)]
-            out.append(" ".join(self._pieces[i] for i in seq if i not in (PAD_ID, BOS_ID)))
-        return out
+        return [" ".join(self._pieces[i] for i in output_ids(seq)) for seq in ids]
 
     def id_to_piece(self, i: int) -> str:
         return self._pieces[int(i)]
