@@ -213,9 +213,9 @@ def evaluate_parser(translator, sources: Sequence[str], references: Sequence[str
     parseval.json and parseval.txt into `out`."""
     from jaxformer.data.treebank import to_bracket
     from jaxformer.parseval import score_trees
-    from jaxformer.parsing import parse_words
+    from jaxformer.parsing import gold_trees, parse_words
 
-    words, gold = _gold_trees(sources, references, origin)
+    words, gold = gold_trees(sources, references, origin)
     start = time.time()
     parses = parse_words(translator, words, grammar=grammar, **dict(decode_overrides or {}))
     seconds = time.time() - start
@@ -236,26 +236,12 @@ def evaluate_parser(translator, sources: Sequence[str], references: Sequence[str
     return result
 
 
-def _gold_trees(sources: Sequence[str], references: Sequence[str], origin: str) -> tuple[list, list]:
-    """(the words of each source, the gold tree of each linearized reference); one line naming a bad one."""
-    from jaxformer.data.treebank import IllFormedTree, delinearize
-
-    words, gold = [s.split() for s in sources], []
-    for line, (symbols, sentence) in enumerate(zip(references, words), 1):
-        try:
-            gold.append(delinearize(symbols.split(), sentence))
-        except IllFormedTree as e:
-            raise ValueError(f"{origin}, line {line}: the reference is not a linearized tree over its words ({e}); "
-                             f"evaluate a parser on a treebank split (data.source=treebank)") from None
-    return words, gold
-
-
 def _parser_f1(translator, sources: Sequence[str], references: Sequence[str], origin: str, **decode) -> float:
     """A parser's parseval F1 (all sentences) on a test set: what a sweep over its settings compares."""
     from jaxformer.parseval import score_trees
-    from jaxformer.parsing import parse_words
+    from jaxformer.parsing import gold_trees, parse_words
 
-    words, gold = _gold_trees(sources, references, origin)
+    words, gold = gold_trees(sources, references, origin)
     return score_trees(gold, [p.tree for p in parse_words(translator, words, **decode)]).all.f1
 
 

@@ -24,7 +24,7 @@ from jaxformer.data.treebank import CLOSE, IllFormedTree, delinearize, to_bracke
 from jaxformer.translate import search_ids
 
 __all__ = ["ParseError", "Parse", "tokenize", "word_limit", "parse_words", "repair", "format_parses", "parse_lines",
-           "validation_scores"]
+           "gold_trees", "validation_scores"]
 
 FILL_TAG = "NN"  # the tag `repair` gives a word the output left untagged
 FILL_ROOT = "S"  # the root `repair` opens when the output opened none
@@ -207,12 +207,26 @@ def validation_scores(model, params, tokenizer, pairs: Sequence[tuple[str, str]]
     from jaxformer.translate import Translator
 
     translator = Translator(model, params, tokenizer, decode=decode_cfg)
-    pairs = [(s.split(), t.split()) for s, t in pairs if len(s.split()) <= word_limit(translator)]
-    parses = parse_words(translator, [words for words, _ in pairs], beam_size=1)
-    score = score_trees([delinearize(symbols, words) for words, symbols in pairs], [p.tree for p in parses])
+    pairs = [(s, t) for s, t in pairs if len(s.split()) <= word_limit(translator)]
+    words, gold = gold_trees([s for s, _ in pairs], [t for _, t in pairs], "the validation split")
+    parses = parse_words(translator, words, beam_size=1)
+    score = score_trees(gold, [p.tree for p in parses])
     return ({"f1": score.all.f1, "f1_40": score.short.f1, "tagging_accuracy": score.all.tagging_accuracy,
              "exact_match": score.all.complete_match / 100, "ill_formed": sum(p.repaired for p in parses)},
             [to_bracket(p.tree) for p in parses])
+
+
+def gold_trees(sources: Sequence[str], references: Sequence[str], origin: str) -> tuple[list, list]:
+    """(the words of each source line, the gold tree of each linearized reference line, as the treebank source
+    writes them); one line naming a bad reference."""
+    words, gold = [s.split() for s in sources], []
+    for line, (symbols, sentence) in enumerate(zip(references, words), 1):
+        try:
+            gold.append(delinearize(symbols.split(), sentence))
+        except IllFormedTree as e:
+            raise ParseError(f"{origin}, line {line}: the reference is not a linearized tree over its words ({e}); "
+                             f"evaluate a parser on a treebank split (data.source=treebank)") from None
+    return words, gold
 
 
 def _drawing(tree: Tree) -> str:
