@@ -63,7 +63,7 @@ def textbook_output_logits(y, kernel, dtype):
 def textbook_loss_sums(params, batch, rng, *, model, smoothing, deterministic):
     logits = model.apply(params, batch["src"], batch["tgt_in"], deterministic=deterministic,
                          rngs=None if deterministic else {"dropout": rng},
-                         **{k: batch[k] for k in steps_lib._OPTIONAL_FIELDS if k in batch})
+                         **{k: batch[k] for k in steps_lib.OPTIONAL_FIELDS if k in batch})
     targets = batch["tgt_out"]
     weights = (targets != PAD_ID).astype(jnp.float32)
     vocab = logits.shape[-1]

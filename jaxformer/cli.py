@@ -23,13 +23,11 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import os
 import logging
 import sys
-from typing import Any
 
-from jaxformer.config import DECODE_PARALLEL, STOP_RULES
+from jaxformer.cli_args import (add_decode_args, add_model_args, decode_overrides, int_list, load_model,
+                                parse_overrides)
 from jaxformer.lines import count_lines as _count_lines, input_batches
 from jaxformer.lines import lines_as_they_come as _lines_as_they_come  # noqa: F401 - tests read it here
 
@@ -38,107 +36,11 @@ __all__ = ["main"]
 log = logging.getLogger("jaxformer")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--workdir", dest="model", required=True,
-                   help="an export directory (config.json + params.safetensors) or a training workdir")
-    p.add_argument("--average-last", type=int, default=None, metavar="K",
-                   help="average the parameters of the K newest checkpoints (workdir only; default: the run's "
-                        "train.average_last, fewer if fewer were kept; paper: 5 base, 20 big)")
-    p.add_argument("--step", type=int, default=None,
-                   help="use the checkpoint of this step (workdir only; with --average-last K: the K up to it)")
-    p.add_argument("--best", action="store_true",
-                   help="use the run's best checkpoint by validation (train.best_metric; needs train.keep_best)")
-    p.add_argument("--average-best", type=int, default=None, metavar="K",
-                   help="average the run's K best checkpoints by validation (needs train.keep_best >= K)")
-
-
-def _load(args):
-    """The model --model names, chosen by --step / --average-last, or by validation (--best, --average-best)."""
-    from jaxformer.io import load
-
-    return load(args.model, step=args.step, average_last=args.average_last, best=args.best,
-                average_best=args.average_best)
-
-
-def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("search (defaults: the model's decode settings)")
-    g.add_argument("--beam-size", type=int, default=None, help="1 means greedy search (paper: 4)")
-    g.add_argument("--length-penalty", "--alpha", dest="length_penalty", type=float, default=None,
-                   help="alpha in ((5 + len) / 6) ** alpha (paper: 0.6)")
-    g.add_argument("--max-extra-len", type=int, default=None, help="output at most input length + this (paper: 50)")
-    g.add_argument("--batch-size", type=int, default=None, help="sentences per decoding batch")
-    g.add_argument("--stop", choices=STOP_RULES, default=None,
-                   help="beam search stops a sentence when no live beam can win (bound, the default) or once it "
-                        "has beam-size finished hypotheses (finished: CTranslate2's and fairseq's rule)")
-    g.add_argument("--parallel", choices=DECODE_PARALLEL, default=None,
-                   help="several local devices: split each batch over them, or give each device its own "
-                        "batches (auto: batches on CPU cores given 4 or more each, else split)")
-
-
-def _decode_overrides(args) -> dict:
-    return {k: getattr(args, k) for k in ("beam_size", "length_penalty", "max_extra_len", "batch_size",
-                                            "stop", "parallel")}
-
-
-def parse_overrides(extra: list[str], section: str, defaults) -> dict[str, Any]:
-    """`--config.data.key=value` / `--config.data.key value` (as train.py spells them; `--data.key` is an
-    alias) -> {key: value}, typed like the default config's value."""
-    out, i = {}, 0
-    prefixes = (f"--config.{section}.", f"--{section}.")
-    while i < len(extra):
-        arg = extra[i]
-        prefix = next((p for p in prefixes if arg.startswith(p)), None)
-        if prefix is None:
-            raise SystemExit(f"error: unrecognized argument {arg!r} (overrides look like {prefixes[0]}KEY=VALUE)")
-        key, eq, value = arg[len(prefix):].partition("=")
-        if not eq:
-            if i + 1 >= len(extra):
-                raise SystemExit(f"error: {arg} needs a value")
-            value, i = extra[i + 1], i + 1
-        i += 1
-        if key not in defaults:
-            raise SystemExit(f"error: unknown option {section}.{key}; known: {', '.join(sorted(defaults))}")
-        out[key] = _typed(value, defaults[key], f"{section}.{key}")
-    return out
-
-
-def _typed(value: str, like: Any, name: str) -> Any:
-    try:
-        if isinstance(like, bool):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-        if like is None:  # an optional value (e.g. model.d_k): a Python literal, else the text
-            try:
-                return ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                return value
-        if isinstance(like, (tuple, list)):
-            parsed = ast.literal_eval(value if value.strip().startswith(("(", "[")) else f"({value},)")
-            return tuple(parsed)
-    except (ValueError, SyntaxError):
-        raise SystemExit(f"error: {name}={value!r} is not a valid {type(like).__name__}") from None
-    return value
-
-
 def _cmd_translate(args) -> int:
     import contextlib
 
-    translator = _load(args)
-    overrides = _decode_overrides(args)
+    translator = load_model(args)
+    overrides = decode_overrides(args)
     batch_size = int(args.batch_size or translator.decode["batch_size"])
     if args.sampling is not None:
         from jaxformer.translate import parse_sampling
@@ -181,8 +83,8 @@ def _cmd_translate(args) -> int:
 def _cmd_parse(args) -> int:
     from jaxformer.parsing import parse_lines
 
-    parse_lines(_load(args), args.input, args.output, fmt=args.format, draw=args.draw, pretokenized=args.pretokenized,
-                grammar=not args.no_grammar, quiet=args.quiet, **_decode_overrides(args))
+    parse_lines(load_model(args), args.input, args.output, fmt=args.format, draw=args.draw, pretokenized=args.pretokenized,
+                grammar=not args.no_grammar, quiet=args.quiet, **decode_overrides(args))
     return 0
 
 
@@ -222,7 +124,7 @@ def _cmd_score(args) -> int:
     import json
 
     sources, targets = _read_pairs(args.src, args.tgt)
-    translator = _load(args)
+    translator = load_model(args)
     results = translator.score(sources, targets, length_penalty=args.length_penalty, batch_size=args.batch_size,
                                full_softmax=args.full_softmax)
     with contextlib.ExitStack() as stack:
@@ -280,7 +182,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
         _, table = run_sweep(args.model, parse_sweep(args.sweep), args.out, split=args.split, src_file=args.src,
                              ref_file=args.ref, data_overrides=data_overrides, limit=args.limit,
                              tokenize=args.tokenize, tokenized=args.tokenized,
-                             decode_overrides=_decode_overrides(args), step=args.step,
+                             decode_overrides=decode_overrides(args), step=args.step,
                              average_last=args.average_last, best=args.best,
                              average_best=args.average_best)
         print(table, end="")
@@ -288,7 +190,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, best=args.best,
                             average_best=args.average_best, data_overrides=data_overrides,
-                            decode_overrides=_decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
+                            decode_overrides=decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
                             tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split,
                             grammar=not args.no_grammar)
     print(result.lines(), end="")
@@ -298,7 +200,7 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
 def _cmd_export(args) -> int:
     from jaxformer import io
 
-    translator = _load(args)
+    translator = load_model(args)
     options = {}
     if args.jax_export:
         options = dict(jax_export=True, jax_export_src_len=args.jax_export_src_len,
@@ -318,7 +220,7 @@ def _cmd_export(args) -> int:
 def _cmd_plot(args) -> int:
     from jaxformer.plotting import attention_maps, plot_attention
 
-    translator = _load(args)
+    translator = load_model(args)
     maps = attention_maps(translator.model, translator.params, translator.tokenizer, args.sentence,
                           translation=args.translation, beam_size=args.beam_size or translator.decode["beam_size"],
                           alpha=translator.decode["length_penalty"])
@@ -354,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("translate", help="translate lines of text (stdin or a file)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one translation per line (default stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
@@ -375,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'i ||| hypothesis ||| score' lines (text) or a list per line (jsonl)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="jsonl: one object per line, {source, hypotheses: [{text, score, log_prob, tokens}]}")
-    _add_decode_args(p)
+    add_decode_args(p)
 
     p = sub.add_parser("parse", help="parse sentences into constituency trees (a model trained on a treebank)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--input", "-i", default="-", help="a text file, one sentence per line, or - for stdin")
     p.add_argument("--output", "-o", default=None, help="where to write one tree per line (default stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar for file input")
@@ -392,14 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grammar", action="store_true",
                    help="search without the grammar mask (for comparison): ill-formed outputs are repaired by a "
                         "fixed rule (jaxformer.parsing.repair) and counted on stderr")
-    _add_decode_args(p)
+    add_decode_args(p)
 
     p = sub.add_parser("score", help="forced decoding: the log-prob of given translations, line by line",
                        description="Per line: the search's score (log-prob over the length penalty), the log-prob "
                                    "of the target with its EOS, and with --per-token each token's log-prob "
                                    "(tab-separated; jsonl: one object per line). PAD and BOS are excluded from "
                                    "the softmax, as in the search, unless --full-softmax.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--src", required=True, help="source sentences, one per line")
     p.add_argument("--tgt", required=True, help="their translations, one per line")
     p.add_argument("--output", "-o", default=None, help="where to write (default stdout)")
@@ -415,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Data overrides: --config.data.KEY=VALUE (or --data.KEY=VALUE) for any data.* config "
                               "key, e.g. --config.data.source=files "
                               "--config.data.test_files=../shared/data/multi30k/test2016")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--split", default="test", help="which split of the run's data (train/valid/test)")
     p.add_argument("--src", default=None, help="a source file (one sentence per line) instead of the run's split")
     p.add_argument("--ref", default=None, help="the reference file aligned with --src")
@@ -435,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "grammar mask; ill-formed trees are repaired (jaxformer.parsing.repair) and counted")
     p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "
                    "Moses-tokenized, hyphens split as tensor2tensor's get_ende_bleu.sh")
-    _add_decode_args(p)
+    add_decode_args(p)
 
     p = sub.add_parser("export", help="write the model in another format: jaxformer's own (safetensors + config "
                                       "+ vocab)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--format", default="jaxformer", help="jaxformer (default), ctranslate2 (for serving) or marian "
                                                          "(for transformers); the last two need "
@@ -454,13 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="P,...", help="platforms to lower for, e.g. cpu,cuda (default: this machine's)")
 
     p = sub.add_parser("plot-attention", help="heat maps of attention weights for one sentence (PNG)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--sentence", required=True, help="the source sentence")
     p.add_argument("--translation", default=None, help="a target sentence to force (default: the model's)")
     p.add_argument("--kind", default="encoder",
                    help="encoder (self), decoder (self), cross, comma-separated, or all")
-    p.add_argument("--layers", type=_int_list, default=None, help="layer indices, e.g. 4,5 (-1: last; default)")
-    p.add_argument("--heads", type=_int_list, default=None, help="head indices (default: all)")
+    p.add_argument("--layers", type=int_list, default=None, help="layer indices, e.g. 4,5 (-1: last; default)")
+    p.add_argument("--heads", type=int_list, default=None, help="head indices (default: all)")
     p.add_argument("--beam-size", type=int, default=None, help="search for the translation (default: the model's)")
     p.add_argument("--out", required=True, help="the PNG file to write")
 

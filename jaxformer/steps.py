@@ -34,14 +34,14 @@ class TrainState:
     rng: jax.Array      # uint32 PRNG key data; update s draws its dropout from fold_in(rng, s)
 
 
-_OPTIONAL_FIELDS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
+OPTIONAL_FIELDS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")  # packed batches' extra inputs
 
 
 def _loss_sums(params, batch, rng, *, model: Transformer, smoothing: float, deterministic: bool):
     """(Σ smoothed loss, sums) over the batch's non-pad target tokens."""
     logits = model.apply(params, batch["src"], batch["tgt_in"], deterministic=deterministic,
                          rngs=None if deterministic else {"dropout": rng},
-                         **{k: batch[k] for k in _OPTIONAL_FIELDS if k in batch})  # [B,T,V] float32
+                         **{k: batch[k] for k in OPTIONAL_FIELDS if k in batch})  # [B,T,V] float32
     targets = batch["tgt_out"]
     weights = (targets != PAD_ID).astype(jnp.float32)
     smoothed, nll, correct = token_statistics(logits, targets, smoothing)

@@ -85,8 +85,9 @@ STAGES = {
     "jaxformer.translate": 5,
     "jaxformer.io": 6, "jaxformer.plotting": 6, "jaxformer.parsing": 6,
     "jaxformer.evaluate": 7, "jaxformer.train": 7,
-    "jaxformer.cli": 8,
-    "jaxformer": 9,
+    "jaxformer.cli_args": 8,
+    "jaxformer.cli": 9,
+    "jaxformer": 10,
 }
 
 

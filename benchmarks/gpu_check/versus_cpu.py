@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import functools
 
-from jaxformer.steps import _OPTIONAL_FIELDS as OPTIONAL_FIELDS  # the packed batches' extra fields
+from jaxformer.steps import OPTIONAL_FIELDS  # the packed batches' extra fields
 
 from .batches import first_batches
 from .context import Context, applicable_impls, guarded, load_tokenizer, rms
