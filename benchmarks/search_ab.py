@@ -14,8 +14,9 @@ For each model of ../shared/models (multi30k_tok on the 1,000 tokenized test2016
   ctranslate2 float32 iN/tM  the `jaxformer export --format ctranslate2` model, intra_threads N / inter_threads M
                              (both splits of --threads, every core by default; the best is x_ct2_best's 1.0)
 Each engine translates the set once untimed, then --passes timed passes, engine after engine within a pass.
-Rows: median sentences/s, x_jaxformer (over our median), identical outputs, and for our search the row-steps
-computed (steps x rows of every batch) against the row-steps needed (each row's step of being done).
+Rows: median sentences/s, x_jaxformer (over our median), identical outputs, for our search the row-steps
+computed (steps x rows of every loop of every batch) against the row-steps needed (each row's step of being
+done), and the seconds of our first call (compilation included).
 Only on idle cores. --devices sets the JAX CPU device count before JAX starts (1: our search on one device,
 as `jaxformer.load(...).translate` runs unless `parallel.use_every_cpu_core()` ran first).
 """
@@ -27,13 +28,14 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 COLUMNS = ["model", "search", "engine", "sentences_per_s", "range", "x_jaxformer", "x_ct2_best", "same_as_jaxformer",
-           "row_steps", "row_steps_needed"]
+           "row_steps", "row_steps_needed", "first_pass_s"]
 
 
 def number_phrases(count: int, seed: int = 0) -> list[str]:
@@ -71,7 +73,8 @@ class RowSteps:
     def _counting(self, fn):
         def run(*args):
             out = fn(*args)
-            self.computed += int(out["steps"]) * int(out["done_at"].shape[0])
+            rows = int(out["done_at"].shape[0])  # row_steps: fewer when finished rows left the batch
+            self.computed += int(out["row_steps"]) if "row_steps" in out else int(out["steps"]) * rows
             self.needed += int(out["done_at"].sum())
             return out
         return run
@@ -145,11 +148,16 @@ def main(argv=None):
             for intra, inter in splits if ct2_path else ():
                 engines[f"ctranslate2 float32 i{intra}/t{inter}"], _ = translate_ctranslate2(
                     translator, sentences, beam, args, ct2_path, intra, inter)
-            steps = {}
-            for engine in [e for e in engines if e.startswith("jaxformer") and "@" not in e]:
-                with RowSteps(decode) as counter:
+            steps, first_pass = {}, {}  # the first call of our searches compiles them: its seconds, apart
+            for engine in [e for e in engines if e.startswith("jaxformer")]:
+                start = time.perf_counter()
+                if "@" in engine:
                     engines[engine]()
-                steps[engine] = (counter.computed, counter.needed)
+                else:
+                    with RowSteps(decode) as counter:
+                        engines[engine]()
+                    steps[engine] = (counter.computed, counter.needed)
+                first_pass[engine] = time.perf_counter() - start
             outputs, seconds = interleaved(engines, args.passes)
             speed = {e: len(sentences) / statistics.median(s) for e, s in seconds.items()}
             ct2_best = max((v for e, v in speed.items() if e.startswith("ctranslate2")), default=None)
@@ -163,7 +171,8 @@ def main(argv=None):
                              "seconds": seconds[engine], "x_jaxformer": speed[engine] / speed["jaxformer"],
                              "x_ct2_best": speed[engine] / ct2_best if ct2_best else None,
                              "same_as_jaxformer": sum(a == b for a, b in zip(texts, outputs["jaxformer"])),
-                             "row_steps": computed, "row_steps_needed": needed, "devices": jax.device_count(),
+                             "row_steps": computed, "row_steps_needed": needed, "first_pass_s": first_pass.get(engine),
+                             "devices": jax.device_count(),
                              "batch_size": args.batch_size})
     report(rows, COLUMNS)
 

@@ -7,8 +7,9 @@ later steps read those keys/values from the cache. The loop is a
 `jax.lax.while_loop` that stops as soon as every row is done, in segments
 (`decode_cache.search_segments`): steps before position 16 attend over a 16-position
 self-attention cache, then 32, ..., then the whole buffer, and a search that is
-done never makes the larger caches. Each search also returns its step count and
-each row's `done_at` step (the row-steps it needed).
+done never makes the larger caches; once few rows are live, they finish in a batch
+a quarter the size (`decode_rows`). Each search also returns its step count, each
+row's `done_at` step (the row-steps it needed) and the row-steps it computed.
 
 Conventions shared by everything here:
   * `src` is [B, S] int32: tokens + EOS, right-padded with PAD. An all-PAD row is
@@ -57,7 +58,8 @@ import numpy as np
 
 from jaxformer import grammar as grammar_lib
 from jaxformer.config import STOP_RULES
-from jaxformer.decode_cache import beam_search_cache, reorder_beams, search_segments, segmented_loop
+from jaxformer.decode_cache import beam_search_cache, reorder_beams, search_segments
+from jaxformer.decode_rows import compacting_loop
 from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.ops import block_top_k, first_argmax
 
@@ -210,7 +212,7 @@ def _sample(logits: jax.Array, keys: jax.Array, i, sampling: dict, kind: str, to
 
 
 def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None,
-            sampling=None, grammar=None, kind: str | None = None, top_k: int = 0):
+            sampling=None, grammar=None, kind: str | None = None, top_k: int = 0, compact: bool = True):
     cfg = model.config
     batch, src_len = src.shape
     limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
@@ -220,43 +222,49 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
     logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
                                  jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
-    if sampling is not None:
-        keys = jax.random.wrap_key_data(sampling["keys"])
-        choose = lambda logits, i: _sample(logits, keys, i, sampling, kind, top_k)  # noqa: E731
-    else:
-        choose = lambda logits, i: first_argmax(logits)  # noqa: E731
+
+    def choose(logits, i, rows):
+        if sampling is None:
+            return first_argmax(logits)
+        return _sample(logits, jax.random.wrap_key_data(rows["keys"]), i, sampling, kind, top_k)
+
+    # What each row brings to the loop (rows of a batch may leave it: `decode_rows`).
+    rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix,
+            "keys": None if sampling is None else sampling["keys"]}
     constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
     logits = _constrain(logits, grammar, constraint, limits - 1)
     logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
-    first = choose(logits, 0)
+    first = choose(logits, 0, rows)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
     done_at = jnp.where(done, 1, 0).astype(jnp.int32)
     constraint = _advance(grammar, constraint, first)
 
     def body(state):
-        i, tokens, done, done_at, constraint, cache = state
+        i, tokens, done, done_at, constraint, rows, cache = state
+        limits = rows["limits"]
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
-        logits, cache = _decode_step(model, variables, cache, None, src_mask, previous, normalize=False)
+        logits, cache = _decode_step(model, variables, cache, None, rows["src_mask"], previous, normalize=False)
         logits = _constrain(logits, grammar, constraint, limits - i - 1)
-        logits = _force_prefix(_force_eos(logits, i + 1 >= limits), _prefix_token(prefix, i, i + 1 >= limits))
-        token = jnp.where(done, PAD_ID, choose(logits, i))
+        logits = _force_prefix(_force_eos(logits, i + 1 >= limits),
+                               _prefix_token(rows["prefix"], i, i + 1 >= limits))
+        token = jnp.where(done, PAD_ID, choose(logits, i, rows))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         finished = done | (token == EOS_ID) | (i + 1 >= limits)
         done_at = jnp.where(finished & ~done, i + 1, done_at)
-        return i + 1, tokens, finished, done_at, _advance(grammar, constraint, token), cache
+        return i + 1, tokens, finished, done_at, _advance(grammar, constraint, token), rows, cache
 
-    state = segmented_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, cache), body,
-                            lambda state: jnp.all(state[2]))
-    i, tokens, _, done_at, _ = state
-    return {"tokens": tokens, "steps": i, "done_at": done_at}
+    state, row_steps = compacting_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, rows, cache),
+                                       body, lambda state: ~state[2], compact)
+    i, tokens, _, done_at, _, _ = state
+    return {"tokens": tokens, "steps": i, "done_at": done_at, "row_steps": row_steps}
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int, kind: str | None = None,
-                     top_k: int = 0):
+                     top_k: int = 0, compact: bool = True):
     return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len, kind=kind,
-                                     top_k=top_k))
+                                     top_k=top_k, compact=compact))
 
 
 def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
@@ -305,7 +313,7 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
-          prefix=None, grammar=None, stop: str = "bound", nbest: int = 1):
+          prefix=None, grammar=None, stop: str = "bound", nbest: int = 1, compact: bool = True):
     cfg = model.config
     batch, src_len = src.shape
     k, n = beam_size, nbest
@@ -323,15 +331,16 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
     cache = beam_search_cache(cache, k)
     vocab = first_log_probs.shape[-1]
 
-    def select(i, log_probs, search):
+    def select(i, log_probs, search, rows):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
         live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, done, done_at, constraint = search
+        limits, prefix = rows["limits"], rows["prefix"]
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         log_probs = _constrain(log_probs, grammar, constraint, (limits - i - 1)[:, None])
         log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
         log_probs = _force_prefix(log_probs, _prefix_token(prefix, i, at_limit[:, 0]))
-        candidates = (live_scores[:, :, None] + log_probs).reshape(batch, k * vocab)
+        candidates = (live_scores[:, :, None] + log_probs).reshape(-1, k * vocab)
         top_scores, top_index = block_top_k(candidates, 2 * k)  # [B,2K]
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         seqs = _gather_beams(live_seqs, origin)  # [B,2K,L]
@@ -379,26 +388,29 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
               jnp.zeros((batch,), jnp.int32),  # done_at
               None if grammar is None else grammar_lib.initial_state(
                   jnp.broadcast_to(jnp.asarray(grammar["words"])[:, None], (batch, k))))  # the grammar's state
-    search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab)), search)
+    rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix}  # what each row brings to the loop
+    search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab)), search,
+                            rows)
     cache = reorder_beams(cache, origin)
 
     def body(state):
-        i, search, cache = state
+        i, search, rows, cache = state
         previous = jax.lax.dynamic_index_in_dim(search[0], i - 1, axis=2, keepdims=False)  # [B,K]
-        log_probs, cache = _decode_step(model, variables, cache, None, src_mask, previous.reshape(batch * k))
-        search, origin = select(i, log_probs.reshape(batch, k, vocab), search)
-        return i + 1, search, reorder_beams(cache, origin)
+        log_probs, cache = _decode_step(model, variables, cache, None, rows["src_mask"], previous.reshape(-1))
+        search, origin = select(i, log_probs.reshape(-1, k, vocab), search, rows)
+        return i + 1, search, rows, reorder_beams(cache, origin)
 
-    i, search = segmented_loop(segments, (jnp.int32(1), search, cache), body,
-                                lambda state: jnp.all(state[1][6]))
-    return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7]}
+    (i, search, _), row_steps = compacting_loop(segments, (jnp.int32(1), search, rows, cache), body,
+                                                lambda state: ~state[1][6], compact)
+    return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7],
+            "row_steps": row_steps}
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
-                   stop: str = "bound", nbest: int = 1):
+                   stop: str = "bound", nbest: int = 1, compact: bool = True):
     return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
-                                     stop=stop, nbest=nbest))
+                                     stop=stop, nbest=nbest, compact=compact))
 
 
 def _grammar(grammar):

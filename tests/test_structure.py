@@ -79,7 +79,7 @@ STAGES = {
     "jaxformer.metrics": 0, "jaxformer.bleu": 0, "jaxformer.parseval": 0, "jaxformer.loss": 0, "jaxformer.optim": 0,
     "jaxformer.parallel": 0, "jaxformer.grammar": 0, "jaxformer.lines": 0,
     "jaxformer.attention": 1, "jaxformer.data": 1, "jaxformer.choose": 1, "jaxformer.layout": 1,
-    "jaxformer.decode_cache": 2,
+    "jaxformer.decode_cache": 2, "jaxformer.decode_rows": 3,
     "jaxformer.model": 3,
     "jaxformer.steps": 4, "jaxformer.checkpoint": 4, "jaxformer.decode": 4, "jaxformer.alignment": 4,
     "jaxformer.translate": 5,

@@ -1,0 +1,82 @@
+"""Finished rows leave the batch (jaxformer.decode_rows): the searches give the same outputs, row for row, when
+the last live rows finish in a batch a quarter the size (scores to float rounding), with fewer row-steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import RANDOM_CFG, sources
+from jaxformer import decode, decode_rows
+from jaxformer.data import PAD_ID
+from jaxformer.decode_cache import search_segments
+
+EXTRA = 25
+ROWS = 32
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """32 rows of 1 to 9 tokens: the random model never says EOS, so each row runs to its own limit (its
+    length + 1 + EXTRA), and the last 8 live rows finish in the second cache segment (16, then 35)."""
+    lengths = np.random.default_rng(3).integers(1, 10, ROWS)
+    lengths[:3] = [9, 9, 1]
+    src = sources(lengths, 10, RANDOM_CFG.vocab_size, seed=4)
+    buffer_len = decode.decode_buffer_len(src.shape[1], RANDOM_CFG, max_extra_len=EXTRA)
+    assert search_segments(buffer_len) == (16, 35)
+    prefix = np.full((ROWS, 3), PAD_ID, np.int32)
+    for row in range(0, ROWS, 3):  # every third row starts with its own forced tokens
+        prefix[row, : 1 + row % 3] = 5 + row % 7
+    return jnp.asarray(src), buffer_len, jnp.asarray(prefix)
+
+
+def both(compiled, *args):
+    """The search's outputs with and without compaction."""
+    return [jax.tree.map(np.asarray, compiled(compact)(*args)) for compact in (True, False)]
+
+
+def assert_same(compacted, plain):
+    assert set(compacted) == set(plain)
+    for name in plain:  # tokens and steps the same; scores to float rounding (a smaller batch's products)
+        if name in ("scores", "log_probs"):
+            np.testing.assert_allclose(compacted[name], plain[name], rtol=1e-6, err_msg=name)
+        elif name != "row_steps":
+            np.testing.assert_array_equal(compacted[name], plain[name], err_msg=name)
+    steps, rows = int(plain["steps"]), plain["done_at"].shape[0]
+    assert int(plain["row_steps"]) == steps * rows
+    assert int(compacted["row_steps"]) < steps * rows  # the last rows ran in a smaller batch
+    assert int(compacted["row_steps"]) >= int(plain["done_at"].sum())
+
+
+def test_greedy_and_sampling_give_the_same_rows_with_fewer_row_steps(random_model, batch):
+    model, params = random_model
+    src, buffer_len, prefix = batch
+    greedy = lambda compact: decode._compiled_greedy(RANDOM_CFG, buffer_len, EXTRA, compact=compact)  # noqa: E731
+    assert_same(*both(greedy, {"params": params["params"]}, src, prefix, None, None))
+    sampling = {"keys": jax.random.key_data(jax.random.split(jax.random.key(7), ROWS)),
+                "temperature": jnp.float32(1.0), "top_p": jnp.float32(1.0)}
+    sample = lambda compact: decode._compiled_greedy(RANDOM_CFG, buffer_len, EXTRA, "topk", 5,  # noqa: E731
+                                                     compact=compact)
+    compacted, plain = both(sample, {"params": params["params"]}, src, None, sampling, None)
+    assert_same(compacted, plain)
+    assert len({tuple(row) for row in plain["tokens"]}) == ROWS  # the rows' own keys: every sample differs
+
+
+@pytest.mark.parametrize("stop,nbest", [("bound", 2), ("finished", 1)])
+def test_beam_search_gives_the_same_hypotheses_with_fewer_row_steps(random_model, batch, stop, nbest):
+    model, params = random_model
+    src, buffer_len, prefix = batch
+    beam = lambda compact: decode._compiled_beam(RANDOM_CFG, 4, buffer_len, EXTRA, stop, nbest,  # noqa: E731
+                                                 compact=compact)
+    compacted, plain = both(beam, {"params": params["params"]}, src, jnp.float32(0.6), prefix, None)
+    assert_same(compacted, plain)
+    np.testing.assert_array_equal(plain["tokens"][::3, 0, 0], 5 + np.arange(0, ROWS, 3) % 7)  # the prefixes held
+
+
+def test_small_batches_and_one_segment_searches_are_not_compacted(random_model):
+    model, params = random_model
+    src = jnp.asarray(sources([3, 1, 2, 2], 4, RANDOM_CFG.vocab_size))  # 4 rows: a quarter is below MIN_ROWS
+    assert 4 // decode_rows.COMPACT_TO < decode_rows.MIN_ROWS
+    out = decode._compiled_beam(RANDOM_CFG, 4, 29, EXTRA)({"params": params["params"]}, src, jnp.float32(0.6),
+                                                          None, None)
+    assert int(out["row_steps"]) == int(out["steps"]) * 4
