@@ -40,7 +40,7 @@ def get_config():
     c.train.lr_scale = 0.7
     c.train.log_every = 25
     c.train.eval_every = 250
-    c.train.eval_bleu_sentences = 1000  # the whole validation split
+    c.train.eval_bleu_sentences = -1    # all 1,000 validation pairs: ~0.6 s a validation once the search is compiled
     c.train.bleu_tokenize = "char"
     c.train.checkpoint_every_steps = 50
     c.train.keep_checkpoints = 5

@@ -62,7 +62,7 @@ def get_config():
     c.train.label_smoothing = 0.1
     c.train.log_every = 50
     c.train.eval_every = 500
-    c.train.eval_bleu_sentences = 200
+    c.train.eval_bleu_sentences = -1  # all 1,014 val pairs: ~11 s at beam 5, 7 validations ~2% of the run
     c.train.bleu_tokenize = "none"   # validation BLEU on the tokenized text as it is (multi-bleu)
     c.train.checkpoint_every_steps = 60  # about one epoch
     c.train.keep_checkpoints = 10

@@ -35,7 +35,7 @@ def get_config():
     c.train.warmup_steps = 4000
     c.train.log_every = 100
     c.train.eval_every = 5000
-    c.train.eval_bleu_sentences = 500
+    c.train.eval_bleu_sentences = -1  # all of newstest2013 (3,000 pairs) every 5,000 steps
     c.train.checkpoint_every_minutes = 10.0
     c.train.checkpoint_every_steps = 0
     c.train.keep_checkpoints = 5

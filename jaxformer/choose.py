@@ -21,7 +21,7 @@ def resolve_metric(train_cfg) -> str:
     """train.best_metric, with "auto" as validation BLEU when the run scores it, else the NLL."""
     metric = str(train_cfg.get("best_metric", "auto"))
     if metric == "auto":
-        return "bleu" if int(train_cfg.get("eval_bleu_sentences", 0)) > 0 else "nll"
+        return "bleu" if int(train_cfg.get("eval_bleu_sentences", 0)) != 0 else "nll"  # -1: all, N: first N
     return metric
 
 

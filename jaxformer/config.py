@@ -16,6 +16,7 @@ import ml_collections
 STOP_RULES = ("bound", "finished")  # decode.stop: beam search's stopping rules (`jaxformer.decode.beam_search`)
 DECODE_PARALLEL = ("auto", "split", "batches")  # decode.parallel: how a search uses several local devices
 BEST_METRICS = {"bleu": True, "f1": True, "loss": False, "nll": False}  # train.best_metric: is higher better? (jaxformer.choose)
+ALL_SENTENCES = -1  # train.eval_bleu_sentences: decode every validation pair
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -110,8 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
     t.seed = 0
     t.log_every = 100
     t.eval_every = 1000
-    t.eval_bleu_sentences = 200     # validation sentences decoded for BLEU at each eval (0: none); a parser
-    #                                 (data.vocab_kind="words") scores their parseval F1 instead
+    t.eval_bleu_sentences = ALL_SENTENCES  # validation sentences decoded for BLEU at each eval: -1 all of
+    #                                 them, N > 0 the first N, 0 none; a parser (data.vocab_kind="words") scores
+    #                                 their parseval F1 instead. Each validation records its cost (eval_seconds,
+    #                                 eval_share: of the run's time so far): keep that share at or below 0.1
+    #                                 by eval_every, or else a smaller N
     t.bleu_tokenize = "13a"         # sacreBLEU tokenizer of the validation BLEU; "char" where a sentence is one word
     t.checkpoint_every_steps = 1000
     t.checkpoint_every_minutes = 0.0  # 0: by steps only
@@ -119,7 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.average_last = 5              # checkpoints averaged for the final model (paper: 5 base, 20 big)
     t.best_metric = "auto"          # the validation metric that chooses the best step: "bleu" or a parser's "f1"
     #                                 (higher is better), "loss" or "nll" (lower); "auto": bleu when
-    #                                 eval_bleu_sentences > 0, else nll (a parser names "f1" itself)
+    #                                 eval_bleu_sentences is not 0, else nll (a parser names "f1" itself)
     t.keep_best = 0                 # the K best checkpoints by best_metric, kept besides the last ones (every
     #                                 validation then saves a checkpoint); they give --best / --average-best
     t.early_stopping_patience = 0   # stop after this many validations without improvement; 0: never
@@ -191,7 +195,8 @@ def check_train_config(train_cfg) -> None:
     need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     need(t.log_every >= 1, "log_every", "must be >= 1")
     need(t.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
-    need(t.eval_bleu_sentences >= 0, "eval_bleu_sentences", "must be >= 0 (0: no BLEU)")
+    need(t.eval_bleu_sentences >= ALL_SENTENCES, "eval_bleu_sentences",
+         f"must be {ALL_SENTENCES} (all validation sentences), 0 (no BLEU) or N > 0 (the first N)")
     need(t.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: not by steps)")
     need(t.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", "must be >= 0 (0: not by time)")
     need(t.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
@@ -200,9 +205,9 @@ def check_train_config(train_cfg) -> None:
          f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
     need(t.best_metric == "auto" or t.best_metric in BEST_METRICS, "best_metric",
          f"must be auto, {', '.join(BEST_METRICS)}")
-    need(t.best_metric not in ("bleu", "f1") or t.eval_bleu_sentences > 0, "best_metric",
-         "needs validation BLEU (a parser: F1) of decoded sentences: set train.eval_bleu_sentences > 0, or "
-         "choose by loss or nll")
+    need(t.best_metric not in ("bleu", "f1") or t.eval_bleu_sentences != 0, "best_metric",
+         f"needs validation BLEU (a parser: F1) of decoded sentences: set train.eval_bleu_sentences to "
+         f"{ALL_SENTENCES} (all) or N > 0, or choose by loss or nll")
     need(t.keep_best >= 0, "keep_best", "must be >= 0 (0: keep only the last checkpoints)")
     need(t.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0 (0: never stop early)")
     need(t.early_stopping_patience == 0 or t.eval_every > 0, "early_stopping_patience",

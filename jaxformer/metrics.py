@@ -129,10 +129,13 @@ class MetricsLog:
 def fmt(values: dict) -> str:
     parts = []
     for key in ("loss", "nll", "ppl", "accuracy", "bleu", "bleu_lowercase", "exact_match", "lr", "grad_norm",
-                "tokens_per_sec"):
+                "tokens_per_sec", "eval_sentences", "eval_seconds", "eval_share"):
         if key in values:
             value = values[key]
-            parts.append(f"{key} {value:.3g}" if key in ("lr", "ppl") else f"{key} {value:.4g}")
+            if key == "eval_share":
+                parts.append(f"{key} {value:.1%} of the run so far")
+            else:
+                parts.append(f"{key} {value:.3g}" if key in ("lr", "ppl") else f"{key} {value:.4g}")
     return ", ".join(parts)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxformer import checkpoint as ckpt
 from jaxformer import choose, parallel
-from jaxformer.config import LEGACY_MODEL_VALUES, check_lengths, check_train_config
+from jaxformer.config import ALL_SENTENCES, LEGACY_MODEL_VALUES, check_lengths, check_train_config
 from jaxformer.attention import accelerator_platform
 from jaxformer.io import init_from
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
@@ -75,6 +75,17 @@ def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, 
     return {"bleu": bleu.score, "bleu_lowercase": bleu.lowercased.score, "exact_match": exact}, hypotheses
 
 
+def bleu_pairs(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """The validation pairs each validation decodes: all (train.eval_bleu_sentences=-1), the first N, or none (0)."""
+    from jaxformer.data import read_pairs
+
+    n = int(config.train.eval_bleu_sentences)
+    if n == 0:
+        return []
+    pairs = read_pairs(config.data, "valid", limit=None if n == ALL_SENTENCES else n)
+    log.info("validation decodes %d pairs of the valid split (train.eval_bleu_sentences=%d)", len(pairs), n)
+    return pairs
+
 
 def check_shards(batches, split: str) -> None:
     """With several processes: every one's shard of `split` must hold pairs, or all stop with one error.
@@ -108,6 +119,7 @@ class _Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
         from jaxformer.data import get_tokenizer
 
+        self.started = time.monotonic()  # the run's wall time, of which validations take a share
         self.config, self.workdir, self.t = config, workdir, config.train
         self.is_chief = jax.process_index() == 0
         if config.train.get("init_from"):  # fine-tuning: the exported model's vocabulary (jaxformer/io/init_from.py)
@@ -149,22 +161,19 @@ class _Trainer:
 
     def bleu_pairs(self) -> list:
         if self._bleu_pairs is None:
-            from jaxformer.data import read_pairs
-
-            n = int(self.t.eval_bleu_sentences)
-            self._bleu_pairs = read_pairs(self.config.data, "valid", limit=n) if n else []
+            self._bleu_pairs = bleu_pairs(self.config)
         return self._bleu_pairs
 
     # -- pieces of the loop
 
     def evaluate(self, params) -> dict:
-        """Validation loss/perplexity/accuracy, and BLEU on the first train.eval_bleu_sentences pairs."""
+        """Validation loss/perplexity/accuracy, and BLEU on the pairs train.eval_bleu_sentences names."""
         result = evaluate_loss(self.steps, params, self.valid_batches())
         pairs = self.bleu_pairs()
         if pairs:
             scores, hypotheses = evaluate_bleu(self.model, params, self.tokenizer, pairs, self.config.decode,
                                                tokenize=self.t.bleu_tokenize)
-            result.update(scores)
+            result.update(scores, eval_sentences=len(pairs))
             log.info("sample: %r -> %r (reference %r)", pairs[0][0], hypotheses[0], pairs[0][1])
         return result
 
@@ -282,8 +291,14 @@ class _Trainer:
 
     def evaluate_and_log(self, loop: _Loop, step: int, params, split: str = "valid", choose_best: bool = False):
         """Validate; with `choose_best`, process 0's value of train.best_metric updates the best step and early
-        stopping on every process (so all agree), and the record says which step is best."""
+        stopping on every process (so all agree), and the record says which step is best. The record also says
+        what validating cost: eval_seconds (this one), eval_share (all of them, of the run's time so far)."""
+        began = time.monotonic()
         values = self.evaluate(params)
+        now = time.monotonic()
+        loop.eval_seconds += now - began
+        values.update(eval_seconds=round(now - began, 3),
+                      eval_share=round(loop.eval_seconds / max(now - self.started, 1e-9), 4))
         if choose_best:
             loop.choice.update(step, parallel.allgather_json(float(values.get(loop.choice.metric, math.nan)))[0])
             values.update(loop.choice.record())
@@ -353,7 +368,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     Returns the final metrics: step, the last training window's (train_*), validation (valid_*: loss,
     nll, ppl, accuracy, bleu, bleu_lowercase) and, with train.average_last > 1, those of the averaged
-    checkpoints (valid_avg_*). Raises TrainingError on a non-finite loss, ValueError / DataError on bad config or data,
+    checkpoints (valid_avg_*); seconds, and of them eval_seconds validating (eval_share). Raises TrainingError
+    on a non-finite loss, ValueError / DataError on bad config or data,
     CheckpointError when no checkpoint of the workdir restores, DistributedError when the processes of a
     multi-host run cannot reach each other, and `Preempted` after SIGTERM/SIGINT stopped it (a checkpoint
     of the step it stopped after is written; calling it again resumes there).
@@ -393,12 +409,12 @@ class _Loop:
     last_save_time: float = dataclasses.field(default_factory=time.monotonic)
     vote: Any = None  # several processes: the stop vote started after the previous step
     choice: choose.Choice | None = None  # the best step by validation, early stopping (`jaxformer.choose`)
+    eval_seconds: float = 0.0  # spent validating so far (this invocation)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    started = time.monotonic()
     trainer = _Trainer(config, workdir)
     t = config.train
     loop = trainer.start()
@@ -435,7 +451,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         raise
     finally:
         trainer.close(loop)
-    loop.result["seconds"] = round(time.monotonic() - started, 1)
+    seconds = time.monotonic() - trainer.started
+    loop.result.update(seconds=round(seconds, 1), eval_seconds=round(loop.eval_seconds, 1),
+                       eval_share=round(loop.eval_seconds / max(seconds, 1e-9), 4))
     log.info("done: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                      for k, v in loop.result.items()}))
     return loop.result

@@ -74,6 +74,8 @@ def test_ranking_and_its_state_survive_json():
 
 def test_auto_metric_is_bleu_when_validation_scores_it():
     config = default_config().train
+    assert config.eval_bleu_sentences == -1 and resolve_metric(config) == "bleu"  # all of val
+    config.eval_bleu_sentences = 5
     assert resolve_metric(config) == "bleu"
     config.eval_bleu_sentences = 0
     assert resolve_metric(config) == "nll"
@@ -94,8 +96,11 @@ def test_bad_choice_options_are_named_in_one_line(key, value, message):
 
 def test_choice_options_that_need_validation_say_so():
     config = default_config().train
+    config.update(best_metric="bleu", eval_bleu_sentences=-1)
+    check_train_config(config)  # all of val
     config.update(best_metric="bleu", eval_bleu_sentences=0)
-    with pytest.raises(ValueError, match="needs validation BLEU"):
+    with pytest.raises(ValueError, match=r"needs validation BLEU .*: set train.eval_bleu_sentences to -1 \(all\) or "
+                                         r"N > 0, or choose by loss or nll$"):
         check_train_config(config)
     config.update(best_metric="nll", eval_every=0, early_stopping_patience=3)
     with pytest.raises(ValueError, match="needs validations during training: set train.eval_every"):

@@ -20,14 +20,14 @@ import pytest
 from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
 from jaxformer.config import default_config
-from jaxformer.data import PAD_ID, make_batches
+from jaxformer.data import PAD_ID, ensure_synthetic, make_batches
 from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.loss import token_statistics
 from jaxformer.optim import learning_rate_schedule, make_optimizer
 from jaxformer.steps import Steps
 import jaxformer
-from jaxformer.config import check_train_config, load_recipe
-from jaxformer.train import TrainingError, run
+from jaxformer.config import ALL_SENTENCES, check_train_config, load_recipe
+from jaxformer.train import TrainingError, bleu_pairs, run
 from helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -368,6 +368,27 @@ def test_bad_train_values_are_named():
     cfg.bleu_tokenize = "words"
     with pytest.raises(ValueError, match="train.bleu_tokenize"):
         check_train_config(cfg)
+    cfg = default_config().train
+    cfg.eval_bleu_sentences = -2
+    with pytest.raises(ValueError, match=r"^train.eval_bleu_sentences=-2: must be -1 \(all validation sentences\), "
+                                         r"0 \(no BLEU\) or N > 0 \(the first N\)$") as info:
+        check_train_config(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_validation_decodes_all_of_val_by_default_or_the_first_n(multi30k_dir):
+    config = default_config()
+    config.data.update(source="files", src_lang="en", tgt_lang="de", valid_files=str(multi30k_dir / "val"))
+    english = (multi30k_dir / "val.en").read_text(encoding="utf-8").splitlines()
+    german = (multi30k_dir / "val.de").read_text(encoding="utf-8").splitlines()
+    assert config.train.eval_bleu_sentences == ALL_SENTENCES
+    check_train_config(config.train)
+    pairs = bleu_pairs(config)
+    assert len(pairs) == len(english) == 1014 and pairs[-1] == (english[-1].strip(), german[-1].strip())
+    config.train.eval_bleu_sentences = 5
+    assert bleu_pairs(config) == [(e.strip(), d.strip()) for e, d in zip(english[:5], german[:5])]
+    config.train.eval_bleu_sentences = 0
+    assert bleu_pairs(config) == []
 
 
 def test_cli_rejects_unknown_keys():
@@ -379,9 +400,10 @@ def test_cli_rejects_unknown_keys():
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, synthetic_setup):
-    """14 uninterrupted steps, with validation BLEU, curves and averaging at the end."""
+    """14 uninterrupted steps, with validation BLEU (on all 100 validation pairs), curves and averaging at the end."""
     workdir = tmp_path_factory.mktemp("reference")
-    config = tiny_config(workdir, synthetic_setup, steps=14, eval_bleu_sentences=8, plot=True, average_last=3)
+    config = tiny_config(workdir, synthetic_setup, steps=14, eval_bleu_sentences=ALL_SENTENCES, plot=True,
+                         average_last=3)
     config.decode.update(beam_size=2, max_extra_len=5)
     return workdir, run(config)
 
@@ -403,6 +425,16 @@ def test_run_writes_the_workdir_layout(reference_run):
     assert {"loss", "nll", "ppl", "lr", "tokens_per_sec", "grad_norm"} <= set(train[0])
     assert train[0]["lr"] == pytest.approx(float(learning_rate_schedule(32, 4, 2.0)(0)))
     assert [r["split"] for r in records if r["split"] != "train"] == ["valid", "end", "valid_avg"]
+    # Each validation decodes every validation pair and records what it cost; so does the run's summary.
+    valid_lines = (pathlib.Path(ensure_synthetic(saved.data)) / "valid.en").read_text(encoding="utf-8").splitlines()
+    validations = [r for r in records if r["split"] in ("valid", "valid_avg")]
+    assert [r["eval_sentences"] for r in validations] == [len(valid_lines)] * 2 == [100] * 2
+    assert all(r["eval_seconds"] > 0 and 0 < r["eval_share"] < 1 for r in validations)
+    assert result["eval_seconds"] == pytest.approx(sum(r["eval_seconds"] for r in validations), abs=0.1)
+    assert 0 < result["eval_share"] < 1
+    log_text = (workdir / "train.log").read_text()
+    assert "step 14 valid: " in log_text and "eval_sentences 100, eval_seconds " in log_text
+    assert "of the run so far" in log_text and '"eval_share": ' in log_text
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "resumed" not in (workdir / "train.log").read_text()
