@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxformer.choose import Choice, best_first
+from jaxformer.staging import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +412,9 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
 
 def _save_params(params: Any, out: str | os.PathLike) -> pathlib.Path:
     out = pathlib.Path(out).absolute()
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; choose a new --out (nothing is overwritten)")
+    check_output_dir(out, CheckpointError)
+    if out.is_dir():
+        out.rmdir()  # empty: orbax refuses an existing folder (it writes its own and renames it into place)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out, params)
     checkpointer.wait_until_finished()
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     avg.add_argument("--workdir", required=True)
     avg.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints (paper: 5 / 20)")
     avg.add_argument("--step", type=int, default=None, help="newest step to include (default: the newest)")
-    avg.add_argument("--out", required=True, help="a new directory for the averaged parameters")
+    avg.add_argument("--out", required=True, help="a new (or empty) directory for the averaged parameters")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -438,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(map(str, store.steps)) or "no checkpoints")
             store.close()
         else:
+            check_output_dir(pathlib.Path(args.out), CheckpointError)  # before the slow part
             params, _ = load_averaged(args.workdir, step=args.step, average_last=args.last)
             print(f"wrote {_save_params(params, args.out)}")
     except (CheckpointError, ValueError) as e:

@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--last", type=int, required=True)
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory for the averaged parameters")
     return parser
 
 

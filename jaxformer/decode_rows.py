@@ -41,7 +41,7 @@ def compacting_loop(segments, state, body, live_rows, compact: bool = True):
     finish in a smaller batch (module doc). Returns (the state without its cache, the row-steps computed:
     steps x rows of every loop, the first step's rows included)."""
     batch = jax.tree.leaves(state[1:])[0].shape[0]
-    small = batch // COMPACT_TO
+    small = batch // COMPACT_TO if isinstance(batch, int) else 0  # a symbolic batch (jax.export): no compaction
     all_done = lambda s: ~jnp.any(live_rows(s))  # noqa: E731
     if not compact or len(segments) < 2 or small < MIN_ROWS:
         out = segmented_loop(segments, state, body, all_done)

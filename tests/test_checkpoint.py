@@ -169,6 +169,28 @@ def test_load_averaged_without_checkpoints_says_so(tmp_path):
         ckpt.load_averaged(tmp_path)
 
 
+def test_average_writes_into_a_new_or_empty_folder_only(tmp_path, capsys):
+    """The output-folder rule of every export (jaxformer.staging), said before the averaging starts."""
+    import orbax.checkpoint as ocp
+
+    save_steps(tmp_path / ckpt.CHECKPOINT_DIR, [10, 20]).close()
+
+    def average(out):
+        return ckpt.main(["average", "--workdir", str(tmp_path), "--last", "2", "--out", str(out)])
+
+    occupied, a_file, empty = tmp_path / "occupied", tmp_path / "a_file", tmp_path / "empty"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    a_file.write_text("mine")
+    empty.mkdir()
+    assert average(occupied) == 1 and "exists and is not empty" in capsys.readouterr().err
+    assert average(a_file) == 1 and "exists and is not a directory" in capsys.readouterr().err
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and a_file.read_text() == "mine"
+    assert average(empty) == 0
+    written = ocp.StandardCheckpointer().restore(empty)
+    np.testing.assert_allclose(written["params"]["dense"]["kernel"], np.full((3, 2), 15.0))
+
+
 def test_run_config_roundtrip_and_errors(tmp_path):
     config = default_config()
     config.model.d_model = 64

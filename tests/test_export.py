@@ -31,15 +31,21 @@ from jaxformer.translate import Translator, translate_ids, translate_texts
 from helpers import SENTENCES, made_up_sentences
 
 
-@pytest.fixture(scope="module")
-def exported(bundle, tmp_path_factory):
+def _translator(bundle) -> Translator:
+    """The copy model with a run config and decode settings: what the export tests write."""
     model, params, tokenizer = bundle
-    out = tmp_path_factory.mktemp("export") / "model"
     config = default_config()
     config.data.src_lang = config.data.tgt_lang = "xx"
-    translator = Translator(model, params, tokenizer, {"beam_size": 4, "batch_size": 8}, config=config)
-    native.write(translator, out, jax_export=native.has_jax_export_support(), jax_export_src_len=16)
-    return out
+    return Translator(model, params, tokenizer, {"beam_size": 4, "batch_size": 8}, config=config)
+
+
+def _write_native(translator, out):
+    return native.write(translator, out, jax_export=native.has_jax_export_support(), jax_export_src_len=16)
+
+
+@pytest.fixture(scope="module")
+def exported(bundle, tmp_path_factory):
+    return _write_native(_translator(bundle), tmp_path_factory.mktemp("export") / "model")
 
 
 needs_flatbuffers = pytest.mark.skipif(not native.has_jax_export_support(),
@@ -62,6 +68,48 @@ def test_export_writes_a_self_contained_directory(exported, bundle):
     arrays = load_file(str(exported / "params.safetensors"))
     assert "decoder_0/cross_attention/key/kernel" in arrays
     assert len(arrays) == len(jax.tree.leaves(params))
+
+
+def _file_bytes(directory) -> dict[str, bytes]:
+    """Every file under `directory`: its relative path -> its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _differing_files(a, b) -> list[str]:
+    one, two = _file_bytes(a), _file_bytes(b)
+    return sorted(name for name in one.keys() | two.keys() if one.get(name) != two.get(name))
+
+
+def test_exporting_twice_gives_the_same_bytes(exported, bundle, tmp_path):
+    """An export is a function of the model alone: the same parameters give the same files, byte for byte, in
+    every format (safetensors on its own writes its metadata in hash order, different from file to file)."""
+    import importlib.util
+
+    from jaxformer.io import ctranslate2, marian_export
+
+    translator = _translator(bundle)
+    assert _differing_files(exported, _write_native(translator, tmp_path / "native" / exported.name)) == []
+    writers = [marian_export.write]
+    if importlib.util.find_spec("ctranslate2") is not None:
+        writers.append(ctranslate2.write)
+    for write in writers:  # the same folder name: CTranslate2's README.md names it
+        first, second = (write(translator, tmp_path / write.__module__ / copy / "model") for copy in ("a", "b"))
+        assert _file_bytes(first) and _differing_files(first, second) == [], write.__module__
+
+
+def test_safetensors_files_of_the_same_arrays_are_the_same_bytes(tmp_path):
+    """safetensors' own writer orders the metadata by a hash seeded anew for each file (5 keys: 120 orders)."""
+    from jaxformer.io.params import save_safetensors
+
+    arrays = {"b/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(3, np.int32)}
+    metadata = {name: str(i) for i, name in enumerate(["format", "version", "z", "a", "m"])}
+    written = set()
+    for i in range(8):
+        save_safetensors(arrays, tmp_path / f"{i}.safetensors", metadata)
+        written.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(written) == 1
+    back = load_file(str(tmp_path / "0.safetensors"))
+    assert back.keys() == arrays.keys() and all(np.array_equal(back[k], v) for k, v in arrays.items())
 
 
 def test_load_gives_identical_logits_and_translations(exported, bundle):

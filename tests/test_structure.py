@@ -77,7 +77,7 @@ def test_the_imports_form_no_circle():
 STAGES = {
     "jaxformer.ops": 0, "jaxformer.config": 0, "jaxformer.synthetic": 0, "jaxformer.preemption": 0,
     "jaxformer.metrics": 0, "jaxformer.bleu": 0, "jaxformer.parseval": 0, "jaxformer.loss": 0, "jaxformer.optim": 0,
-    "jaxformer.parallel": 0, "jaxformer.grammar": 0, "jaxformer.lines": 0,
+    "jaxformer.parallel": 0, "jaxformer.grammar": 0, "jaxformer.lines": 0, "jaxformer.staging": 0,
     "jaxformer.attention": 1, "jaxformer.data": 1, "jaxformer.choose": 1, "jaxformer.layout": 1,
     "jaxformer.decode_cache": 2, "jaxformer.decode_rows": 3,
     "jaxformer.model": 3,

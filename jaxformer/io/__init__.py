@@ -8,8 +8,8 @@
 directories), `native` (jaxformer's export directory), `ctranslate2` (a CTranslate2 model for serving),
 `marian_export` / `marian_import` (Hugging Face Marian directories, out and in; `marian_layout` is the
 parameter map of both), `init_from` (an export as the start of a fine-tuning run). Each writer module has
-`write(translator, out, **options)` and `unsupported(config)`; they share `staging` (the output folder: absent
-or empty, written whole), `params` (the flat params) and `errors` (`ExportError`, the base of their errors).
+`write(translator, out, **options)` and `unsupported(config)`; they share `jaxformer.staging` (the output folder:
+absent or empty, written whole), `params` (the flat params) and `errors` (`ExportError`, the base of their errors).
 Data flows one way: these modules read and write files and build a `jaxformer.translate.Translator`;
 nothing below them imports them.
 """

@@ -31,8 +31,8 @@ from jaxformer import layout
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from jaxformer.io import params as params_io
 from jaxformer.io.errors import ExportError
-from jaxformer.io.staging import check_output_dir, staged_directory
 from jaxformer.model import TransformerConfig, sinusoidal_positions
+from jaxformer.staging import check_output_dir, staged_directory
 
 __all__ = ["write", "write_ctranslate2", "unsupported", "translate_options", "CTranslate2ExportError", "SPM_FILE",
            "META_FILE", "README_FILE", "FORMAT"]

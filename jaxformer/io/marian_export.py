@@ -33,7 +33,7 @@ from jaxformer.data.marian_vocab import MarianVocab
 from jaxformer.io import params as params_io
 from jaxformer.io.marian_layout import (MarianFormatError, attention_bias_map, feature_order, marian_config,
                                         parameter_map, to_marian, unsupported, vocabulary_parameters)
-from jaxformer.io.staging import check_output_dir, staged_directory
+from jaxformer.staging import check_output_dir, staged_directory
 
 __all__ = ["write_marian", "write", "unsupported", "marian_state_dict", "MarianFormatError"]
 
@@ -118,8 +118,6 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
     cannot express (pre-LN, learned positions, d_k != d_model / num_heads). Written into a temporary folder
     and renamed, so `out_dir` never holds half an export.
     """
-    from safetensors.numpy import save_file
-
     from jaxformer.config import decode_settings as checked
 
     out = pathlib.Path(out_dir)
@@ -134,7 +132,7 @@ def write_marian(out_dir: str | os.PathLike, config, params, tokenizer, decode_s
         "tokenizer_config.json": tokenizer_config(vocab, config, languages),
     }
     with staged_directory(out, MarianFormatError) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        params_io.save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         vocab.write_files(tmp)
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

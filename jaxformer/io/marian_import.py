@@ -34,7 +34,7 @@ from jaxformer.io import params as params_io
 from jaxformer.io.marian_layout import (DECODER_EMBED, ENCODER_EMBED, LM_HEAD, POSITION_KEYS, SHARED,
                                         MarianFormatError, embedding_sources, from_marian, marian_shape,
                                         parameter_map, transformer_config)
-from jaxformer.io.staging import check_output_dir
+from jaxformer.staging import check_output_dir
 
 __all__ = ["import_marian", "read_marian", "resolve_source", "MarianFormatError"]
 

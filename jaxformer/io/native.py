@@ -34,8 +34,8 @@ from jaxformer.config import decode_settings, saved_model_values
 from jaxformer.data import VOCAB_FILENAME as VOCAB_FILE
 from jaxformer.io import params as params_io
 from jaxformer.io.errors import ExportError
-from jaxformer.io.staging import check_output_dir, staged_directory
 from jaxformer.model import Transformer, TransformerConfig
+from jaxformer.staging import check_output_dir, staged_directory
 from jaxformer.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
     settings' search is written too, for sources padded to `jax_export_src_len` (any batch size), lowered
     for `jax_export_platforms` (default: the current backend; e.g. ("cpu", "cuda") for both).
     """
-    from safetensors.numpy import save_file
-
     config, params, tokenizer = translator.model.config, translator.params, translator.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise ExportError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
@@ -101,7 +99,7 @@ def write(translator: Translator, out_dir: str | os.PathLike, *, jax_export: boo
         if translator.config.train.get("bleu_tokenize"):
             meta["bleu_tokenize"] = str(translator.config.train.bleu_tokenize)
     with staged_directory(out, ExportError, replaceable=is_export_dir) as tmp:
-        save_file(arrays, str(tmp / PARAMS_FILE), metadata={"format": FORMAT, "version": str(version)})
+        params_io.save_safetensors(arrays, tmp / PARAMS_FILE, metadata={"format": FORMAT, "version": str(version)})
         tokenizer.save(str(tmp / vocab_name))
         if jax_export:
             meta["jax_export"] = _write_jax_export(tmp, config, {"params": tree}, settings,
@@ -149,7 +147,12 @@ def _write_jax_export(out: pathlib.Path, config: TransformerConfig, variables, d
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), variables)
     batch, = jax.export.symbolic_shape("batch")
     kwargs = {"platforms": tuple(platforms)} if platforms else {}
-    exported = jax.export.export(fn, **kwargs)(specs, jax.ShapeDtypeStruct((batch, src_len), jnp.int32))
+    limit = jax.config.jax_traceback_in_locations_limit
+    jax.config.update("jax_traceback_in_locations_limit", 0)  # no caller's file:line in it: the same bytes twice
+    try:
+        exported = jax.export.export(fn, **kwargs)(specs, jax.ShapeDtypeStruct((batch, src_len), jnp.int32))
+    finally:
+        jax.config.update("jax_traceback_in_locations_limit", limit)
     (out / JAX_EXPORT_FILE).write_bytes(exported.serialize())
     return {**search, "src_shape": ["batch", src_len], "output_shape": ["batch", buffer_len],
             "max_extra_len": max_extra_len, "platforms": list(exported.platforms),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping
 
 import jax
@@ -33,3 +35,22 @@ def mismatch(want: Mapping[str, tuple], got: Mapping[str, tuple]) -> str | None:
     extra = sorted(set(got) - set(want))[:5]
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:5]
     return f"missing {missing}, unexpected {extra}, wrong shape {wrong}"
+
+
+def save_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the same bytes for the same arrays: safetensors writes the metadata in the order
+    of a Rust HashMap, seeded anew for every file, so its header is written again with the metadata sorted."""
+    from safetensors.numpy import save
+
+    blob = save(dict(arrays), metadata=dict(metadata) if metadata else None)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])  # the tensors in safetensors' own (deterministic) order
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(blob)[8 + size:])

@@ -1,5 +1,6 @@
-"""A model directory written all at once, into a folder that is absent or empty (the one rule for every format):
-into a temporary sibling, renamed into place when complete."""
+"""An output folder, the one rule for every format and command: it must be absent or empty (or, where a
+writer says so, something it may replace), and a model directory is written all at once, into a temporary
+sibling renamed into place when complete."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import pathlib
 import shutil
 from typing import Callable
 
-from jaxformer.io.errors import ExportError
 
-
-def check_output_dir(out: pathlib.Path, error: type[ExportError] = ExportError,
+def check_output_dir(out: pathlib.Path, error: type[Exception] = ValueError,
                      replaceable: Callable[[pathlib.Path], bool] | None = None) -> None:
     """Raise `error` unless `out` is absent, an empty directory, or one that `replaceable` accepts (a jaxformer
     export may be written over another)."""
+    out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise error(f"{out} exists and is not a directory; give a new (or empty) directory to write to")
     if out.is_dir() and any(out.iterdir()) and not (replaceable is not None and replaceable(out)):
@@ -24,12 +24,13 @@ def check_output_dir(out: pathlib.Path, error: type[ExportError] = ExportError,
 
 
 @contextlib.contextmanager
-def staged_directory(out: pathlib.Path, error: type[ExportError] = ExportError,
+def staged_directory(out: pathlib.Path, error: type[Exception] = ValueError,
                      replaceable: Callable[[pathlib.Path], bool] | None = None):
     """Yield an empty temporary sibling of `out` to write into, once `check_output_dir` allows `out`. When the
     block ends normally it becomes `out` (a directory already there is removed only after the swap); when it
     raises, it is removed and `out` is left as it was. Writers call `check_output_dir` first as well, to fail
     before their slow work."""
+    out = pathlib.Path(out)
     check_output_dir(out, error, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
