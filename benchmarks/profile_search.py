@@ -173,7 +173,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--devices", type=int, default=1, help="JAX CPU devices (default 1)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="keep the trace and the HLO dump here")
-    parser.add_argument("--top", type=int, default=8, help="lines of the 'everything else' breakdown")
+    parser.add_argument("--top", type=int, default=8, help="lines of the --detail breakdown")
+    parser.add_argument("--detail", default="everything else", choices=PARTS,
+                        help="the part broken down by source line, op and shape (default: everything else)")
     args = parser.parse_args(argv)
     work = args.keep or tempfile.mkdtemp(prefix="profile_search-")
     dump = os.path.join(work, "hlo")
@@ -222,7 +224,7 @@ def main(argv=None):
             runs_of[part] += 1
             loop_of[part] += e["dur"] if in_loop else 0
             seen[part].add((module, e["args"]["hlo_op"]))
-            if part == "everything else":
+            if part == args.detail:
                 mine = [f"{os.path.basename(p)}:{line} {func}" for p, func, line in stack if "/jaxformer/" in p]
                 what = mine[0] if mine else op_name[-60:] or "no metadata"
                 other[f"{what} ({opcode} {shape.split('{')[0]})"] += e["dur"]
@@ -241,7 +243,7 @@ def main(argv=None):
           f"search programs dumped, {ambiguous} runs matched ambiguously; a loop body of {body} thunks at most"
           + (f"; kept in {args.keep}" if args.keep else ""))
     report(rows, COLUMNS)
-    print("\n# everything else, biggest (ms, share of all ops):")
+    print(f"\n# {args.detail}, biggest (ms, share of all ops):")
     for what, micros in other.most_common(args.top):
         print(f"{micros / 1e3:9.1f}  {micros / total:5.1%}  {what}")
     if not args.keep:

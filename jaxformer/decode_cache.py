@@ -101,14 +101,13 @@ def _beam_self_attention_step(mod, query, key, value):
     cached_key.value, cached_value.value, slots.value = keys, values, history
     cache_index.value = index + 1
 
-    heads = keys.shape[1]
     scores = jnp.einsum("bhkd,bhdn->bhkn", by_sentence(query), keys, preferred_element_type=jnp.float32)
-    scores = scores.reshape(batch, heads, k, length, k)  # [B,H,K,L,J]: beam k's query x slot j, per position
-    mine = history[:, None, :, :, None] == jnp.arange(k, dtype=jnp.int32)  # [B,1,K,L,J]
-    logits = jnp.sum(jnp.where(mine, scores, 0.0), axis=-1) * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
-    logits = jnp.where(jnp.arange(length) <= index, logits, jnp.float32(_MASKED))
-    probs = jax.nn.softmax(logits, axis=-1)  # [B,H,K,L]
-    weights = jnp.where(mine, probs[..., None], 0.0).reshape(batch, heads, k, length * k).astype(values.dtype)
+    # Beam k's own slot of each position reached, as a mask over the L*K slots (other beams' slots and
+    # positions not reached yet get no weight): one softmax over the slots, no select into [B,H,K,L] first.
+    mine = (history[:, :, :, None] == jnp.arange(k, dtype=jnp.int32)) & (jnp.arange(length) <= index)[:, None]
+    logits = jnp.where(mine.reshape(batch, 1, k, length * k), scores * jnp.float32(1.0 / math.sqrt(query.shape[-1])),
+                       jnp.float32(_MASKED))
+    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)  # [B,H,K,L*K]
     out = jnp.einsum("bhkn,bhnv->bhkv", weights, values, preferred_element_type=jnp.float32)
     return jnp.swapaxes(out, 1, 2).reshape(query.shape[:2] + out.shape[1:2] + out.shape[3:]).astype(query.dtype)
 
