@@ -17,11 +17,17 @@ from jaxformer.config import BEST_METRICS as HIGHER_IS_BETTER
 log = logging.getLogger(__name__)
 
 
-def resolve_metric(train_cfg) -> str:
-    """train.best_metric, with "auto" as validation BLEU when the run scores it, else the NLL."""
+def resolve_metric(train_cfg, parser: bool = False) -> str:
+    """train.best_metric, with "auto" as the score of decoded validation sentences when the run decodes them
+    (BLEU; a parser's parseval F1), else the NLL. A decoded-sentence metric the model does not produce (BLEU
+    of a parser, F1 of a translator) is a ValueError."""
     metric = str(train_cfg.get("best_metric", "auto"))
+    decoded = "f1" if parser else "bleu"
     if metric == "auto":
-        return "bleu" if int(train_cfg.get("eval_bleu_sentences", 0)) != 0 else "nll"  # -1: all, N: first N
+        return decoded if int(train_cfg.get("eval_bleu_sentences", 0)) != 0 else "nll"  # -1: all, N: first N
+    if metric in ("bleu", "f1") and metric != decoded:
+        raise ValueError(f"train.best_metric={metric!r}: a {'parser' if parser else 'translation model'}'s "
+                         f"validation scores its decoded sentences by {decoded}, not {metric}")
     return metric
 
 
@@ -121,10 +127,10 @@ def best_first(choice: Choice | None, kept, count: int, run) -> list[int]:
     return wanted
 
 
-def resumed(train_cfg, saved: dict | None) -> Choice:
+def resumed(train_cfg, saved: dict | None, parser: bool = False) -> Choice:
     """The bookkeeping a run starts with: the checkpoint's (`saved`), or a fresh one; fresh too when the run
     now chooses by another metric (values of two metrics do not compare)."""
-    metric, patience = resolve_metric(train_cfg), int(train_cfg.get("early_stopping_patience", 0))
+    metric, patience = resolve_metric(train_cfg, parser), int(train_cfg.get("early_stopping_patience", 0))
     if saved:
         choice = Choice.from_state_dict(saved, patience=patience)
         if choice.metric == metric:

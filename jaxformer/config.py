@@ -122,8 +122,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 5
     t.average_last = 5              # checkpoints averaged for the final model (paper: 5 base, 20 big)
     t.best_metric = "auto"          # the validation metric that chooses the best step: "bleu" or a parser's "f1"
-    #                                 (higher is better), "loss" or "nll" (lower); "auto": bleu when
-    #                                 eval_bleu_sentences is not 0, else nll (a parser names "f1" itself)
+    #                                 (higher is better), "loss" or "nll" (lower); "auto": bleu (a parser: f1)
+    #                                 when eval_bleu_sentences is not 0, else nll
     t.keep_best = 0                 # the K best checkpoints by best_metric, kept besides the last ones (every
     #                                 validation then saves a checkpoint); they give --best / --average-best
     t.early_stopping_patience = 0   # stop after this many validations without improvement; 0: never

@@ -233,7 +233,8 @@ class _Trainer:
         return _Loop(state=state, start=start, batches=parallel.global_batches(source, self.mesh, self.shape_stats),
                      source=source, metrics=MetricsLog(self.workdir, start, enabled=self.is_chief), bar=bar,
                      result={"step": start, "workdir": str(self.workdir)},
-                     choice=choose.resumed(t, restored.choice if restored is not None else None))
+                     choice=choose.resumed(t, restored.choice if restored is not None else None,
+                                           parser=getattr(self.tokenizer, "kind", None) == "words"))
 
     def train_step(self, loop: _Loop, step: int) -> None:
         """One update (of train.grad_accum_steps micro-batches), without waiting for the device."""

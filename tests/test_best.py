@@ -81,6 +81,19 @@ def test_auto_metric_is_bleu_when_validation_scores_it():
     assert resolve_metric(config) == "nll"
 
 
+def test_auto_metric_is_f1_for_a_parser_and_a_metric_the_model_does_not_produce_is_an_error():
+    config = default_config().train
+    assert resolve_metric(config, parser=True) == "f1"
+    config.eval_bleu_sentences = 0
+    assert resolve_metric(config, parser=True) == "nll"
+    config.best_metric = "f1"
+    with pytest.raises(ValueError, match=r"best_metric='f1': a translation model's validation .* by bleu, not f1$"):
+        resolve_metric(config)
+    config.best_metric = "bleu"
+    with pytest.raises(ValueError, match=r"best_metric='bleu': a parser's validation .* by f1, not bleu$"):
+        resolve_metric(config, parser=True)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("best_metric", "accuracy", r"train.best_metric='accuracy': must be auto, bleu, f1, loss, nll$"),
     ("keep_best", -1, r"train.keep_best=-1: must be >= 0"),
