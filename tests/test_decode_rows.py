@@ -80,3 +80,23 @@ def test_small_batches_and_one_segment_searches_are_not_compacted(random_model):
     out = decode._compiled_beam(RANDOM_CFG, 4, 29, EXTRA)({"params": params["params"]}, src, jnp.float32(0.6),
                                                           None, None)
     assert int(out["row_steps"]) == int(out["steps"]) * 4
+
+
+def test_the_grammar_state_follows_the_rows_it_belongs_to():
+    """A parser's beam search under the grammar mask (`jaxformer.grammar`: each row's tree state and word
+    count) gives the same trees with its last rows compacted."""
+    from jaxformer import grammar
+    from jaxformer.data import EOS_ID
+    from jaxformer.model import TransformerConfig, init_params
+
+    cfg = TransformerConfig(vocab_size=30, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=1,
+                            num_decoder_layers=2, max_len=64, dropout_rate=0.0)
+    kinds = grammar.kinds_table(cfg.vocab_size, {4: "(S", 5: "(NP", 6: "(VP"}, 8, {9: "NN", 10: "VB", 11: "DT"},
+                                EOS_ID)
+    words = np.random.default_rng(5).integers(1, 10, ROWS)
+    src = jnp.asarray(sources(words, 10, cfg.vocab_size, seed=6))
+    params = init_params(cfg, jax.random.key(3))
+    rules = {"kinds": jnp.asarray(kinds, jnp.int32), "words": jnp.asarray(words, jnp.int32)}
+    beam = lambda compact: decode._compiled_beam(cfg, 4, 34, 24, "bound", 1, compact=compact)  # noqa: E731
+    compacted, plain = both(beam, {"params": params["params"]}, src, jnp.float32(0.6), None, rules)
+    assert_same(compacted, plain)
