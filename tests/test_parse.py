@@ -70,6 +70,73 @@ def test_treebank_config_errors_name_the_key(small_treebank, tmp_path):
         ensure_treebank(treebank_config(small_treebank, tmp_path, treebank_splits="wsj").data)
 
 
+def test_gold_target_ids_score_100_through_the_parsers_scoring_path(small_treebank, tmp_path, monkeypatch):
+    """An oracle parser: the search (`translate._search`, the one piece replaced) answers each sentence with its
+    gold tree's target ids as training encodes them; everything after it (search_ids' output handling, ids to
+    symbols, delinearize, parseval) is what training validation, `jaxformer evaluate` and `jaxformer parse`
+    run, and must give F1, tagging accuracy and exact match 100 with nothing ill-formed."""
+    import collections
+    import types
+
+    import jax.numpy as jnp
+    from nltk.tree import Tree
+
+    from jaxformer import grammar, translate
+    from jaxformer.data import EOS_ID, PAD_ID, UNK_ID
+    from jaxformer.evaluate import evaluate_parser
+    from jaxformer.parseval import score_trees
+    from jaxformer.parsing import validation_scores
+    from jaxformer.translate import Translator
+
+    config = treebank_config(small_treebank, tmp_path, min_count=2)  # the recipe's: rare source words are UNK
+    vocab = get_tokenizer(config, str(tmp_path / "run"))
+    pairs = read_pairs(config.data, "valid")
+    direct = read_trees([small_treebank / "wsj_0140.mrg"])  # the .mrg trees, not the linearized references
+    sources, targets = vocab.encode([s for s, _ in pairs]), vocab.encode_target([t for _, t in pairs])
+    assert UNK_ID in {i for s in sources for i in s} and UNK_ID not in {i for t in targets for i in t}
+    assert all(i in set(vocab.targets) for t in targets for i in t)
+
+    # Each gold sequence is one the grammar mask lets every search make.
+    kinds = vocab.grammar_kinds()
+    for s, t in zip(sources, targets):
+        state = grammar.initial_state(np.array([len(s)]))
+        for token in t + [EOS_ID]:
+            assert bool(grammar.allowed(state, kinds)[0, token]), vocab.id_to_piece(token)
+            state = grammar.advance(state, jnp.array([token]), kinds)
+
+    answers: dict = {}
+
+    def oracle(decode_lib, model, params, src, *args, **kwargs):
+        rows = []
+        for row in np.asarray(src).tolist():
+            ids = row[:row.index(EOS_ID)] if EOS_ID in row else []
+            rows.append(answers[tuple(ids)].popleft() if ids else [])
+        tokens = np.full((len(rows), 1, max(map(len, rows)) + 3), PAD_ID, np.int32)  # hypothesis, EOS, then PAD
+        for i, ids in enumerate(rows):
+            tokens[i, 0, :len(ids) + 1] = ids + [EOS_ID]
+        return {"tokens": tokens}
+
+    def expect_gold():
+        answers.clear()
+        for s, t in zip(sources, targets):
+            answers.setdefault(tuple(s), collections.deque()).append(t)
+
+    monkeypatch.setattr(translate, "_search", oracle)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_len=config.model.max_len))
+    expect_gold()
+    scores, brackets = validation_scores(model, {}, vocab, pairs, config.decode)  # training's validation
+    assert scores == {"f1": 100.0, "f1_40": 100.0, "tagging_accuracy": 100.0, "exact_match": 1.0, "ill_formed": 0}
+    assert [Tree.fromstring(b)[0] for b in brackets] == direct
+    against_mrg = score_trees(direct, [Tree.fromstring(b) for b in brackets]).all
+    assert (against_mrg.scored, against_mrg.f1, against_mrg.tagging_accuracy) == (len(direct), 100.0, 100.0)
+    expect_gold()
+    translator = Translator(model, {}, vocab, decode={**config.decode.to_dict(), "beam_size": 4})
+    result = evaluate_parser(translator, [s for s, _ in pairs], [t for _, t in pairs], "valid", "valid",
+                             tmp_path / "eval")  # `jaxformer evaluate`, which `jaxformer parse` shares parse_words with
+    assert (result.score.all.f1, result.score.all.tagging_accuracy, result.score.all.complete_match,
+            result.ill_formed) == (100.0, 100.0, 100.0, 0)
+
+
 def load_recipe(name: str):
     import importlib.util
 

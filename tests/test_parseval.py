@@ -56,6 +56,23 @@ def test_function_tags_traces_and_the_root_follow_collins():
     assert (r.length, r.gold_brackets, r.test_brackets, r.matched) == (3, 3, 3, 3)
 
 
+def test_tags_are_compared_word_by_word_apart_from_the_brackets():
+    """EVALB's tagging accuracy: the test tree's tag of word i against the gold tag of word i (punctuation left
+    out), whatever the brackets above them; linearized and delinearized, the tags stay on their words."""
+    from jaxformer.data.treebank import delinearize, linearize
+
+    gold = T("(S (NP (DT The) (JJ old) (NN cat)) (VP (VBD sat) (PP (IN on) (NP (DT the) (NN mat)))) (. .))")
+    flat = T("(S (DT The) (JJ old) (NP (NN cat) (VBD sat)) (IN on) (X (DT the) (NN mat) (. .)))")
+    words, symbols = linearize(flat)
+    assert symbols[:3] == ["(S", "DT", "JJ"] and words == gold.leaves()
+    r = sentence_result(gold, delinearize(symbols, words))
+    assert (r.words, r.correct_tags) == (7, 7) and r.matched < r.gold_brackets  # the period is not scored
+    s = score_trees([gold], [delinearize(symbols, words)])
+    assert s.all.tagging_accuracy == 100.0 and s.all.f1 < 100.0 and s.all.complete_match == 0.0
+    shifted = [symbols[0]] + [symbols[2], symbols[1]] + symbols[3:]  # The/JJ old/DT: two tags swapped
+    assert sentence_result(gold, delinearize(shifted, words)).correct_tags == 5
+
+
 def test_crossing_brackets_count_test_brackets_that_cross_a_gold_one():
     gold = T("(S (NP (DT a) (NN b)) (VP (VBD c) (NN d)))")
     r = sentence_result(gold, T("(S (DT a) (X (NN b) (VBD c)) (NN d))"))
