@@ -91,23 +91,14 @@ def run_training(path: pathlib.Path) -> dict:
     with validations, summed over invocations), train_steps, s_per_step (metrics.jsonl's training windows:
     tokens / tokens_per_sec, so validations and checkpoint saves are left out; the first window holds the
     compilation) and s_per_step_wall (train_s / train_steps). Empty for an export."""
-    from jaxformer.metrics import LOG_FILE, METRICS_FILE
+    from jaxformer.metrics import LOG_FILE, read_records
 
     out: dict = {}
-    metrics, log = path / METRICS_FILE, path / LOG_FILE
-    if metrics.is_file():
-        windows = []
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if record.get("split") == "train" and record.get("tokens_per_sec"):
-                windows.append(record)
-        if windows:
-            steps = max(r["step"] for r in windows)
-            out.update(train_steps=steps,
-                       s_per_step=sum(r["tokens"] / r["tokens_per_sec"] for r in windows) / steps)
+    log = path / LOG_FILE
+    windows = [r for r in read_records(path) if r.get("split") == "train" and r.get("tokens_per_sec")]
+    if windows:
+        steps = max(r["step"] for r in windows)
+        out.update(train_steps=steps, s_per_step=sum(r["tokens"] / r["tokens_per_sec"] for r in windows) / steps)
     if log.is_file():
         text = log.read_text(encoding="utf-8", errors="replace")
         done = [json.loads(m[1]) for m in re.finditer(r"jaxformer\.train: done: (\{.*\})$", text, re.MULTILINE)]

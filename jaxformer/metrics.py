@@ -20,6 +20,23 @@ CURVES_FILE = "curves.png"
 LOG_FILE = "train.log"
 
 
+def _parsed_lines(path: pathlib.Path) -> list[tuple[str, Any]]:
+    """(line, parsed record or None for a line torn by a kill mid-write) for each line of a metrics.jsonl."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            out.append((line, None))
+    return out
+
+
+def read_records(workdir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl written so far, in order (lines torn by a kill left out)."""
+    return [r for _, r in _parsed_lines(pathlib.Path(workdir) / METRICS_FILE) if isinstance(r, dict)]
+
 
 class MetricsLog:
     """metrics.jsonl (one object per record), TensorBoard events and curves.png, written by process 0.
@@ -41,21 +58,9 @@ class MetricsLog:
 
         self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
 
-    def _lines(self) -> list[tuple[str, Any]]:
-        """(line, parsed record or None for a line torn by a kill mid-write) for each line of metrics.jsonl."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                out.append((line, None))
-        return out
-
     def _truncate_after(self, step: int) -> None:
         """Move records after `step` (and torn lines) to metrics.dropped.jsonl; keep the rest in place."""
-        lines = self._lines()
+        lines = _parsed_lines(self.path)
         kept = lambda record: isinstance(record, dict) and record.get("step", 0) <= step  # noqa: E731
         keep = [line for line, r in lines if kept(r)]
         dropped = [line for line, r in lines if not kept(r)]
@@ -80,7 +85,7 @@ class MetricsLog:
                 self._tb.add_scalar(f"{split}/{key}", value, step)
 
     def records(self) -> list[dict]:
-        return [r for _, r in self._lines() if isinstance(r, dict)]
+        return read_records(self.path.parent)
 
     def plot(self) -> None:
         """curves.png: training and validation loss, the learning rate, and validation BLEU by step."""

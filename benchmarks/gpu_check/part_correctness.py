@@ -5,7 +5,6 @@ run on the host's CPU, and beam search against the CPU (float32)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -98,15 +97,6 @@ def _train_check(ctx: Context, reference: subprocess.Popen):
 
 def _train_losses(workdir: str) -> dict[int, float]:
     """{step: train loss} from a run's metrics.jsonl (what has been written so far)."""
-    from jaxformer.metrics import METRICS_FILE
+    from jaxformer.metrics import read_records
 
-    out = {}
-    path = os.path.join(workdir, METRICS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("split") == "train":
-                        out[int(record["step"])] = float(record["loss"])
-    return out
+    return {int(r["step"]): float(r["loss"]) for r in read_records(workdir) if r.get("split") == "train"}
