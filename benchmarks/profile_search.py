@@ -29,7 +29,7 @@ metadata (XLA's own copies) takes its first operand's. First rule that holds:
   cross-attention  decode_cache cross_attention_step, or op_name under ".../cross_attention/"
   FFN              op_name under ".../ffn/"
   output projection  ops.output_logits or op_name under "output_projection" (the [rows, D] x [D, V] dot)
-  vocab passes     decode.py _log_probs, _masked_logits, _force_eos, _force_prefix, _constrain, or a line
+  vocab passes     decode_masks search_log_probs, masked_logits, force_eos, force_prefix, constrain, or a line
                    that builds `candidates =` or adds final_logits_bias: log-softmax, masks, candidate sums
   everything else  the rest (layer norms and residuals, embeddings, select's bookkeeping: the small top-ks
                    of finished and live hypotheses, gathers of sequences, the stopping rule)
@@ -61,7 +61,7 @@ PARTS = ["encoder", "top-k", "self-attention", "cross-attention", "output projec
 SELF = {"self_attention_step", "_beam_self_attention_step", "reorder_beams.<locals>.gather", "reorder_beams",
         "grow_cache", "grow_cache.<locals>.convert", "grow_cache.<locals>.pad", "beam_search_cache",
         "beam_search_cache.<locals>.convert"}
-VOCAB = {"_log_probs", "_masked_logits", "_force_eos", "_force_prefix", "_constrain"}
+VOCAB = {"search_log_probs", "masked_logits", "force_eos", "force_prefix", "constrain"}
 CONTROL = {"while", "conditional", "call"}
 COLUMNS = ["part", "ms", "share", "in_loop", "ops", "runs"]
 

@@ -1,8 +1,8 @@
-"""Checkpoints of a run (orbax), the run directory's layout and config, and checkpoint averaging.
+"""Checkpoints of a run (orbax), the run directory's layout, and checkpoint averaging.
 
 A run directory ("workdir") holds:
 
-    config.json          the run's full config (`load_run_config`)
+    config.json          the run's full config (`jaxformer.run_config`)
     vocab.model          the sentencepiece model (written by `jaxformer.data.get_tokenizer`)
     checkpoints/<step>/  one orbax checkpoint per kept step, with the items
         params/            the model variables {"params": ...}, float32
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -40,7 +39,6 @@ import time
 from typing import Any, Iterable
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -63,62 +61,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint of a different model (parameter shapes differ from the config's)."""
-
-
-# ----------------------------------------------------------------------------------------------- config
-
-
-def save_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
-    """Write `workdir/config.json` atomically (tmp file + rename)."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str) -> None:
-    for key, value in src.items():
-        name = f"{prefix}{key}"
-        if key not in dst:
-            # A key this version does not know (a newer or older run): keep it, so nothing is dropped.
-            log.warning("%s: unknown config key %s kept as saved", CONFIG_FILE, name)
-            with dst.unlocked():
-                dst[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-        elif isinstance(dst[key], ml_collections.ConfigDict):
-            if not isinstance(value, dict):
-                raise CheckpointError(f"{CONFIG_FILE}: {name} should be a section, found {value!r}")
-            _merge(dst[key], value, f"{name}.")
-        else:
-            try:
-                dst[key] = value
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{CONFIG_FILE}: bad value for {name}: {e}") from None
-
-
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run was trained with: `workdir/config.json` over `default_config()`.
-
-    Keys the saved file lacks (added to the library since) keep their defaults, so old runs stay loadable.
-    """
-    from jaxformer.config import default_config, saved_model_values
-
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {workdir} is not a jaxformer run directory "
-                              f"(train one with: python train.py --workdir {workdir})")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(saved).__name__}")
-    if isinstance(saved.get("model"), dict):
-        saved["model"] = saved_model_values(saved["model"])
-    config = default_config()
-    _merge(config, saved, "")
-    return config
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -41,6 +41,8 @@ default. `stop="finished"` is fairseq's and CTranslate2's rule instead: a row is
 done once K hypotheses have finished, and scores are sum / len**alpha.
 
 The caches, and how the beams of a sentence share them, are `jaxformer.decode_cache`'s.
+Which tokens a step may pick (PAD and BOS never, EOS at the limit, prefixes, a grammar) is
+`jaxformer.decode_masks`'s.
 
 Compiled functions are cached per (model config, search settings); `jit` then
 caches per input shape, so callers should pad batches to a few bucket shapes
@@ -59,6 +61,8 @@ import numpy as np
 from jaxformer import grammar as grammar_lib
 from jaxformer.config import STOP_RULES
 from jaxformer.decode_cache import beam_search_cache, reorder_beams, search_segments
+from jaxformer.decode_masks import (NEG_INF, advance_grammar, as_grammar, as_prefix, constrain, force_eos, force_prefix,
+                                    masked_logits, prefix_token, search_log_probs)
 from jaxformer.decode_rows import compacting_loop
 from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.ops import block_top_k, first_argmax
@@ -68,8 +72,6 @@ from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 __all__ = ["length_penalty", "greedy_search", "sample_search", "beam_search", "beam_search_nbest", "score_sequences",
            "token_log_probs", "output_limits",
            "decode_buffer_len", "init_cache", "NEG_INF"]
-
-NEG_INF = -1.0e9  # finite, so sums and differences never turn into NaN
 
 
 def length_penalty(length, alpha):
@@ -110,18 +112,6 @@ def output_limits(src: jax.Array, buffer_len: int, max_extra_len: int, pad_id: i
     return jnp.where(n == 0, 1, jnp.minimum(n + max_extra_len, buffer_len)).astype(jnp.int32)
 
 
-def _masked_logits(logits: jax.Array) -> jax.Array:
-    """Float32 logits with PAD and BOS set to NEG_INF: they are never generated."""
-    logits = logits.astype(jnp.float32)
-    never = (jnp.arange(logits.shape[-1]) == PAD_ID) | (jnp.arange(logits.shape[-1]) == BOS_ID)
-    return jnp.where(never, jnp.float32(NEG_INF), logits)  # one fused pass, same values as `.at[].set`
-
-
-def _log_probs(logits: jax.Array) -> jax.Array:
-    """Log-softmax over the vocabulary with PAD and BOS excluded."""
-    return jax.nn.log_softmax(_masked_logits(logits), axis=-1)
-
-
 def init_cache(config: TransformerConfig, batch_size: int, src_len: int, max_decode_len: int):
     """An empty decode cache for `batch_size` rows, `src_len` source positions, `max_decode_len` steps."""
     if max_decode_len > config.max_len:
@@ -140,7 +130,7 @@ def _decode_step(model: Transformer, variables, cache, encoded, src_mask, tokens
     greedy search needs)."""
     logits, mutated = model.apply({**variables, "cache": cache}, encoded, src_mask, tokens[:, None],
                                   decode=True, method=Transformer.decode, mutable=["cache"])
-    scores = _log_probs(logits[:, 0]) if normalize else _masked_logits(logits[:, 0])
+    scores = search_log_probs(logits[:, 0]) if normalize else masked_logits(logits[:, 0])
     return scores, mutated["cache"]
 
 
@@ -150,44 +140,6 @@ def _encode(model, variables, src):
 
 
 # ----------------------------------------------------------------------------- greedy
-
-def _force_eos(log_probs: jax.Array, at_limit: jax.Array) -> jax.Array:
-    """Where `at_limit` ([N] or broadcastable to log_probs[..., 0]), only EOS can follow: every other token's
-    log-prob becomes NEG_INF and EOS keeps its own (it is not renormalised, so its cost counts)."""
-    only_eos = jnp.arange(log_probs.shape[-1]) == EOS_ID
-    return jnp.where(at_limit[..., None] & ~only_eos, NEG_INF, log_probs)
-
-
-def _prefix_token(prefix: jax.Array | None, i, at_limit: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-    """(the token forced at position i [B], where it is forced [B]) for target prefixes [B,P] (PAD after each
-    row's prefix), or None without prefixes. At a row's length limit EOS wins: the prefix is cut to fit."""
-    if prefix is None:
-        return None
-    wanted = jax.lax.dynamic_index_in_dim(prefix, jnp.minimum(i, prefix.shape[1] - 1), axis=1, keepdims=False)
-    return wanted, (i < prefix.shape[1]) & (wanted != PAD_ID) & ~at_limit
-
-
-def _constrain(scores: jax.Array, grammar, state, room) -> jax.Array:
-    """Scores [..., V] with the tokens the grammar forbids in each hypothesis (state [...]) at NEG_INF
-    (`jaxformer.grammar`; room: the tokens that may follow within the length limit). Without a grammar, the
-    scores as they are."""
-    if grammar is None:
-        return scores
-    return jnp.where(grammar_lib.allowed(state, grammar["kinds"], room), scores, NEG_INF)
-
-
-def _advance(grammar, state, token):
-    return None if grammar is None else grammar_lib.advance(state, token, grammar["kinds"])
-
-
-def _force_prefix(log_probs: jax.Array, forced) -> jax.Array:
-    """Where a prefix token is forced (`_prefix_token`), only it can follow, at its own log-prob's cost.
-    log_probs [B,V] or [B,K,V]."""
-    if forced is None:
-        return log_probs
-    wanted, where = (a.reshape(a.shape + (1,) * (log_probs.ndim - 1)) for a in forced)
-    return jnp.where(where & (jnp.arange(log_probs.shape[-1]) != wanted), NEG_INF, log_probs)
-
 
 SAMPLING = ("full", "topk", "topp")  # how `sample_search` draws each token
 
@@ -232,27 +184,27 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
     rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix,
             "keys": None if sampling is None else sampling["keys"]}
     constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
-    logits = _constrain(logits, grammar, constraint, limits - 1)
-    logits = _force_prefix(_force_eos(logits, limits <= 1), _prefix_token(prefix, 0, limits <= 1))
+    logits = constrain(logits, grammar, constraint, limits - 1)
+    logits = force_prefix(force_eos(logits, limits <= 1), prefix_token(prefix, 0, limits <= 1))
     first = choose(logits, 0, rows)
     tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = (first == EOS_ID) | (limits <= 1)
     done_at = jnp.where(done, 1, 0).astype(jnp.int32)
-    constraint = _advance(grammar, constraint, first)
+    constraint = advance_grammar(grammar, constraint, first)
 
     def body(state):
         i, tokens, done, done_at, constraint, rows, cache = state
         limits = rows["limits"]
         previous = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
         logits, cache = _decode_step(model, variables, cache, None, rows["src_mask"], previous, normalize=False)
-        logits = _constrain(logits, grammar, constraint, limits - i - 1)
-        logits = _force_prefix(_force_eos(logits, i + 1 >= limits),
-                               _prefix_token(rows["prefix"], i, i + 1 >= limits))
+        logits = constrain(logits, grammar, constraint, limits - i - 1)
+        logits = force_prefix(force_eos(logits, i + 1 >= limits),
+                              prefix_token(rows["prefix"], i, i + 1 >= limits))
         token = jnp.where(done, PAD_ID, choose(logits, i, rows))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         finished = done | (token == EOS_ID) | (i + 1 >= limits)
         done_at = jnp.where(finished & ~done, i + 1, done_at)
-        return i + 1, tokens, finished, done_at, _advance(grammar, constraint, token), rows, cache
+        return i + 1, tokens, finished, done_at, advance_grammar(grammar, constraint, token), rows, cache
 
     state, row_steps = compacting_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, rows, cache),
                                        body, lambda state: ~state[2], compact)
@@ -277,8 +229,8 @@ def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_l
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, _prefix(prefix), None,
-                                                                 _grammar(grammar))["tokens"]
+    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, as_prefix(prefix), None,
+                                                                 as_grammar(grammar))["tokens"]
 
 
 def sample_search(model, params, src, keys, *, kind: str = "full", temperature: float = 1.0, top_k: int = 0,
@@ -300,7 +252,7 @@ def sample_search(model, params, src, keys, *, kind: str = "full", temperature: 
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = _compiled_greedy(cfg, buffer_len, int(max_extra_len), kind, int(top_k) if kind == "topk" else 0)
     sampling = {"keys": keys, "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p)}
-    return fn(_variables(params), src, _prefix(prefix), sampling, _grammar(grammar))["tokens"]
+    return fn(_variables(params), src, as_prefix(prefix), sampling, as_grammar(grammar))["tokens"]
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -337,9 +289,9 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         limits, prefix = rows["limits"], rows["prefix"]
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
-        log_probs = _constrain(log_probs, grammar, constraint, (limits - i - 1)[:, None])
-        log_probs = _force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
-        log_probs = _force_prefix(log_probs, _prefix_token(prefix, i, at_limit[:, 0]))
+        log_probs = constrain(log_probs, grammar, constraint, (limits - i - 1)[:, None])
+        log_probs = force_eos(log_probs, at_limit)  # only EOS at the limit, at its log-prob's cost (fairseq)
+        log_probs = force_prefix(log_probs, prefix_token(prefix, i, at_limit[:, 0]))
         candidates = (live_scores[:, :, None] + log_probs).reshape(-1, k * vocab)
         top_scores, top_index = block_top_k(candidates, 2 * k)  # [B,2K]
         origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -362,7 +314,7 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         live_scores, keep = jax.lax.top_k(live_candidates, k)  # [B,K]
         live_seqs = _gather_beams(seqs, keep)
         if grammar is not None:
-            constraint = _gather_beams(_advance(grammar, _gather_beams(constraint, origin), token), keep)
+            constraint = _gather_beams(advance_grammar(grammar, _gather_beams(constraint, origin), token), keep)
         origin = jnp.take_along_axis(origin, keep, axis=1)
         if stop == "bound":
             # A live beam's score can only fall as it grows, and its final score is at most its log-prob over
@@ -413,23 +365,6 @@ def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, m
                                      stop=stop, nbest=nbest, compact=compact))
 
 
-def _grammar(grammar):
-    """A grammar as {"kinds": int32 [V], "words": int32 [B]} (`jaxformer.grammar`), or None."""
-    if grammar is None:
-        return None
-    return {"kinds": jnp.asarray(grammar["kinds"], jnp.int32), "words": jnp.asarray(grammar["words"], jnp.int32)}
-
-
-def _prefix(prefix):
-    """Target prefixes as int32 [B,P] (P >= 1), or None."""
-    if prefix is None:
-        return None
-    prefix = jnp.asarray(prefix, jnp.int32)
-    if prefix.ndim != 2 or prefix.shape[1] < 1:
-        raise ValueError(f"prefix must be [batch, length >= 1] tokens, got shape {prefix.shape}")
-    return prefix
-
-
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
                 max_len: int | None = None, stop: str = "bound", prefix=None,
                 grammar=None) -> tuple[jax.Array, jax.Array]:
@@ -465,7 +400,7 @@ def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alp
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
-    return fn(_variables(params), src, jnp.float32(alpha), _prefix(prefix), _grammar(grammar))
+    return fn(_variables(params), src, jnp.float32(alpha), as_prefix(prefix), as_grammar(grammar))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -477,7 +412,8 @@ def _compiled_token_log_probs(config: TransformerConfig, full_softmax: bool):
     def token_log_probs(variables, src, tokens):
         tgt_in = jnp.concatenate([jnp.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], axis=1)
         logits = model.apply(variables, src, tgt_in)  # [B,T,V]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) if full_softmax else _log_probs(logits)
+        log_probs = (jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) if full_softmax
+                     else search_log_probs(logits))
         chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
         return jnp.where(tokens != PAD_ID, chosen, 0.0)
 

@@ -46,6 +46,11 @@ def _same(label: str) -> str:
     return EQ_LABELS.get(label, label)
 
 
+def _percent(part: int, whole: int) -> float:
+    """100 * part / whole, 0 where there is no whole (EVALB's convention for an empty count)."""
+    return 100.0 * part / whole if whole else 0.0
+
+
 @dataclasses.dataclass
 class Counts:
     """Sums over sentences; the figures are percentages, as EVALB prints them."""
@@ -67,11 +72,11 @@ class Counts:
 
     @property
     def precision(self) -> float:
-        return 100.0 * self.matched / self.test_brackets if self.test_brackets else 0.0
+        return _percent(self.matched, self.test_brackets)
 
     @property
     def recall(self) -> float:
-        return 100.0 * self.matched / self.gold_brackets if self.gold_brackets else 0.0
+        return _percent(self.matched, self.gold_brackets)
 
     @property
     def f1(self) -> float:
@@ -80,11 +85,11 @@ class Counts:
 
     @property
     def complete_match(self) -> float:
-        return 100.0 * self.complete / self.scored if self.scored else 0.0
+        return _percent(self.complete, self.scored)
 
     @property
     def tagging_accuracy(self) -> float:
-        return 100.0 * self.correct_tags / self.words if self.words else 0.0
+        return _percent(self.correct_tags, self.words)
 
     @property
     def average_crossing(self) -> float:

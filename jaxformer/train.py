@@ -1,9 +1,10 @@
 """The training loop `run(config)` behind `python train.py`.
 
 The pieces it drives, each in its own module: `optim` (Adam + the paper's rate), `loss` (label smoothing),
-`steps` (the compiled data-parallel steps), `checkpoint` (orbax), `metrics` (logs and curves). Read `_run`
-top to bottom: start (restore or init) -> for each step: train_step, stop?, log, save, evaluate -> finish
-(the averaged checkpoints' evaluation). Each is a method of `_Trainer`; what changes per step is in `_Loop`.
+`steps` (the compiled data-parallel steps), `checkpoint` (orbax), `metrics` (logs and curves), `validation`
+(what a validation decodes, and its BLEU). Read `_run` top to bottom: start (restore or init) -> for each
+step: train_step, stop?, log, save, evaluate -> finish (the averaged checkpoints' evaluation). Each is a
+method of `_Trainer`; what changes per step is in `_Loop`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ import numpy as np
 
 from jaxformer import checkpoint as ckpt
 from jaxformer import choose, parallel
-from jaxformer.config import ALL_SENTENCES, LEGACY_MODEL_VALUES, check_lengths, check_train_config
+from jaxformer.config import check_lengths, check_train_config
 from jaxformer.attention import accelerator_platform
 from jaxformer.io import init_from
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
 from jaxformer.model import Transformer, TransformerConfig, count_params
 from jaxformer.optim import learning_rate_schedule
 from jaxformer.preemption import Preempted, StopSignals
+from jaxformer.run_config import resume_legacy_model, save_run_config
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
+from jaxformer.validation import bleu_pairs, evaluate_bleu
 
 log = logging.getLogger(__name__)
 
@@ -56,35 +59,6 @@ def _log_packed_attention(config) -> None:
             and accelerator_platform() == "cuda"):
         log.info("data.pack=True: packed rows use segment masks, which cuDNN fused attention does not take, so "
                  "training attention runs on XLA; set data.pack=False for cuDNN (more padding, several shapes)")
-
-
-def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, str]], decode_cfg, *,
-                  tokenize: str = "13a") -> tuple[dict, list[str]]:
-    """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
-    same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
-    from jaxformer.bleu import bleu_scores
-    from jaxformer.translate import translate_texts
-
-    if getattr(tokenizer, "kind", None) == "words":  # a parser: dev parseval F1 instead (jaxformer.parsing)
-        from jaxformer.parsing import validation_scores
-        return validation_scores(model, parallel.to_local(params), tokenizer, pairs, decode_cfg)
-    hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)
-    references = [t for _, t in pairs]
-    bleu = bleu_scores(hypotheses, references, tokenize=tokenize or None)
-    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs)
-    return {"bleu": bleu.score, "bleu_lowercase": bleu.lowercased.score, "exact_match": exact}, hypotheses
-
-
-def bleu_pairs(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-    """The validation pairs each validation decodes: all (train.eval_bleu_sentences=-1), the first N, or none (0)."""
-    from jaxformer.data import read_pairs
-
-    n = int(config.train.eval_bleu_sentences)
-    if n == 0:
-        return []
-    pairs = read_pairs(config.data, "valid", limit=None if n == ALL_SENTENCES else n)
-    log.info("validation decodes %d pairs of the valid split (train.eval_bleu_sentences=%d)", len(pairs), n)
-    return pairs
 
 
 def check_shards(batches, split: str) -> None:
@@ -221,7 +195,7 @@ class _Trainer:
             source.load_state_dict(positions[jax.process_index()])
             log.info("resumed from checkpoint step %d in %s", restored.step, self.store.directory)
         if self.is_chief:  # only now: a config whose model does not fit the checkpoints must not replace it
-            ckpt.save_run_config(self.config, self.workdir)
+            save_run_config(self.config, self.workdir)
         start = int(state.step)
         log.info("model: %s parameters, vocabulary %d; %d device(s) over %d process(es); steps %d -> %d; "
                  "workdir %s", f"{count_params(state.params):,}", self.tokenizer.vocab_size, jax.device_count(),
@@ -349,21 +323,6 @@ class _Trainer:
         loop.metrics.close()
 
 
-def _resume_legacy_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """A workdir saved before a model option existed resumes with the value it was trained with."""
-    saved = workdir / ckpt.CONFIG_FILE
-    if not saved.is_file():
-        return
-    try:
-        model = json.loads(saved.read_text(encoding="utf-8")).get("model", {})
-    except (OSError, ValueError, AttributeError):
-        return  # the checkpoint store reports an unreadable run directory
-    for key, value in LEGACY_MODEL_VALUES.items():
-        if isinstance(model, dict) and key not in model and config.model[key] != value:
-            log.warning("%s predates model.%s: resuming with model.%s=%s, as it was trained", saved, key, key, value)
-            config.model[key] = value
-
-
 def run(config: ml_collections.ConfigDict) -> dict:
     """Train as `config` says, resuming from `config.train.workdir` when it holds checkpoints.
 
@@ -388,7 +347,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     "cores, so training uses %d; call jaxformer.parallel.use_every_cpu_core() before anything "
                     "else touches JAX", jax.local_device_count(), os.cpu_count(), jax.local_device_count())
     workdir = pathlib.Path(config.train.workdir).absolute()
-    _resume_legacy_model(config, workdir)
+    resume_legacy_model(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else contextlib.nullcontext():
         return _run(config, workdir)

@@ -23,6 +23,7 @@ from jaxformer import checkpoint
 from jaxformer.config import default_config
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer, make_batches
 from jaxformer.model import Transformer, TransformerConfig, init_params
+from jaxformer.run_config import save_run_config
 
 # ----------------------------------------------------------------------------- tiny models (decode, prefix, sampling)
 
@@ -159,7 +160,7 @@ def make_run(bundle, workdir, *, average_last: int, test_prefix, scales=(5.0, 0.
     config.data.source, config.data.src_lang, config.data.tgt_lang = "files", "xx", "yy"
     config.data.test_files = str(test_prefix)
     config.train.average_last = average_last
-    checkpoint.save_run_config(config, workdir)
+    save_run_config(config, workdir)
     tokenizer.save(str(workdir / "vocab.model"))
     store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)
     for step, scale in enumerate(scales, start=1):

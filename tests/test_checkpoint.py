@@ -16,6 +16,7 @@ import pytest
 import jaxformer
 from jaxformer import checkpoint as ckpt
 from jaxformer.config import default_config
+from jaxformer.run_config import load_run_config, save_run_config
 
 
 def tree(value: float, rows: int = 3):
@@ -196,8 +197,8 @@ def test_run_config_roundtrip_and_errors(tmp_path):
     config.model.d_model = 64
     config.model.d_k = 16
     config.data.bucket_lengths = (8, 16)
-    ckpt.save_run_config(config, tmp_path)
-    loaded = ckpt.load_run_config(tmp_path)
+    save_run_config(config, tmp_path)
+    loaded = load_run_config(tmp_path)
     assert loaded.model.d_model == 64 and loaded.model.d_k == 16 and loaded.model.d_v is None
     assert loaded.data.bucket_lengths == (8, 16)
     assert loaded.to_dict() == config.to_dict()
@@ -206,13 +207,13 @@ def test_run_config_roundtrip_and_errors(tmp_path):
     saved["train"]["from_the_future"] = 1
     del saved["train"]["plot"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    loaded = ckpt.load_run_config(tmp_path)
+    loaded = load_run_config(tmp_path)
     assert loaded.train.from_the_future == 1 and loaded.train.plot is True
     with pytest.raises(ckpt.CheckpointError, match="not a jaxformer run directory"):
-        ckpt.load_run_config(tmp_path / "nowhere")
+        load_run_config(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text('{"model": {"d_model": "wide"}}')
     with pytest.raises(ckpt.CheckpointError, match="model.d_model"):
-        ckpt.load_run_config(tmp_path)
+        load_run_config(tmp_path)
 
 
 def test_load_model_and_average_cli(tmp_path, multi30k_tokenizer, capsys):
@@ -221,7 +222,7 @@ def test_load_model_and_average_cli(tmp_path, multi30k_tokenizer, capsys):
 
     config = default_config()
     config.model.update(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1)
-    ckpt.save_run_config(config, tmp_path)
+    save_run_config(config, tmp_path)
     shutil.copy(multi30k_tokenizer.path, tmp_path / ckpt.VOCAB_FILE)
     model_cfg = TransformerConfig.from_dict(config.model.to_dict(), vocab_size=multi30k_tokenizer.vocab_size)
     store = ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, keep=5)

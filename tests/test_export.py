@@ -320,6 +320,7 @@ def test_attention_maps_are_distributions_labelled_by_pieces(bundle):
 
 def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp_path, capsys):
     from jaxformer import checkpoint
+    from jaxformer.run_config import save_run_config
     from jaxformer.config import default_config
 
     model, params, tokenizer = bundle
@@ -333,7 +334,7 @@ def test_workdir_export_with_averaging_and_evaluate_on_the_run_split(bundle, tmp
     config.train.bleu_tokenize = "char"
     (tmp_path / "test.xx").write_text("".join(s + "\n" for s in SENTENCES))
     (tmp_path / "test.yy").write_text("".join(s + "\n" for s in SENTENCES))
-    checkpoint.save_run_config(config, workdir)
+    save_run_config(config, workdir)
     tokenizer.save(str(workdir / "vocab.model"))
     zeros = jax.tree.map(jnp.zeros_like, params)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", async_save=False)

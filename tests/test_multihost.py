@@ -32,6 +32,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import parallel
 from jaxformer.config import default_config
 from jaxformer.data import TokenCache, Tokenizer, make_batches
+from jaxformer.run_config import save_run_config
 from jaxformer.train import _Trainer, run
 
 from conftest import FAST_COMPILE, REPO
@@ -87,9 +88,9 @@ def launch(config, tmp_path, name: str, processes: int = 2) -> list[tuple[subpro
     """Start `python train.py` as `processes` processes of one jax.distributed job; (process, its log)."""
     folder = tmp_path / name
     folder.mkdir()
-    ckpt.save_run_config(config, folder / "config")
+    save_run_config(config, folder / "config")
     recipe = folder / "recipe.py"
-    recipe.write_text("from jaxformer.checkpoint import load_run_config\n\n\n"
+    recipe.write_text("from jaxformer.run_config import load_run_config\n\n\n"
                       f"def get_config():\n    return load_run_config({str(folder / 'config')!r})\n")
     compile_cache = pathlib.Path(config.data.synthetic_dir).parent / "jax_cache"  # shared by the module's runs
     port = free_port()

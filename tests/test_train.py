@@ -24,10 +24,12 @@ from jaxformer.data import PAD_ID, ensure_synthetic, make_batches
 from jaxformer.model import Transformer, TransformerConfig
 from jaxformer.loss import token_statistics
 from jaxformer.optim import learning_rate_schedule, make_optimizer
+from jaxformer.run_config import load_run_config, save_run_config
 from jaxformer.steps import Steps
 import jaxformer
 from jaxformer.config import ALL_SENTENCES, check_train_config, load_recipe
-from jaxformer.train import TrainingError, bleu_pairs, run
+from jaxformer.train import TrainingError, run
+from jaxformer.validation import bleu_pairs
 from helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -415,7 +417,7 @@ def test_run_writes_the_workdir_layout(reference_run):
                 "valid_bleu", "valid_exact_match", "valid_avg_nll", "valid_avg_bleu"):
         assert math.isfinite(result[key]), key
     assert result["valid_ppl"] == pytest.approx(math.exp(result["valid_nll"]))
-    saved = ckpt.load_run_config(workdir)
+    saved = load_run_config(workdir)
     assert saved.train.steps == 14 and saved.model.d_model == 32
     assert (workdir / "vocab.model").is_file()
     assert ckpt.CheckpointStore(workdir / "checkpoints", read_only=True).steps == [6, 8, 10, 12, 14]
@@ -456,7 +458,7 @@ def test_stop_then_resume_gives_the_same_losses(tmp_path, synthetic_setup, refer
     other.model.d_ff = 48
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"different model.*saved \(32, 64\), config \(32, 48\)"):
         run(other)
-    assert ckpt.load_run_config(tmp_path).model.d_ff == 64
+    assert load_run_config(tmp_path).model.d_ff == 64
     assert ckpt.CheckpointStore(tmp_path / "checkpoints", read_only=True).steps[-1] == 14
 
 
@@ -464,9 +466,9 @@ def test_killed_then_resumed_run_gives_the_same_losses(tmp_path, synthetic_setup
     """SIGKILL a real `python train.py` mid-run, rerun it: the losses are the uninterrupted run's."""
     workdir = tmp_path / "run"
     config_dir = tmp_path / "config"
-    ckpt.save_run_config(tiny_config(workdir, synthetic_setup, steps=1000), config_dir)
+    save_run_config(tiny_config(workdir, synthetic_setup, steps=1000), config_dir)
     recipe = tmp_path / "recipe.py"
-    recipe.write_text("from jaxformer.checkpoint import load_run_config\n\n\n"
+    recipe.write_text("from jaxformer.run_config import load_run_config\n\n\n"
                       f"def get_config():\n    return load_run_config({str(config_dir)!r})\n")
     log_file = open(tmp_path / "stdout.txt", "w")
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(recipe)], cwd=REPO, stdout=log_file,
@@ -496,9 +498,9 @@ def test_killed_then_resumed_run_gives_the_same_losses(tmp_path, synthetic_setup
 def _recipe_for(config, tmp_path) -> pathlib.Path:
     """A recipe file that returns `config` (saved as JSON), for `python train.py --config`."""
     config_dir = tmp_path / "config"
-    ckpt.save_run_config(config, config_dir)
+    save_run_config(config, config_dir)
     recipe = tmp_path / "recipe.py"
-    recipe.write_text("from jaxformer.checkpoint import load_run_config\n\n\n"
+    recipe.write_text("from jaxformer.run_config import load_run_config\n\n\n"
                       f"def get_config():\n    return load_run_config({str(config_dir)!r})\n")
     return recipe
 

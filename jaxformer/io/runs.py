@@ -8,6 +8,7 @@ import pathlib
 
 from jaxformer import checkpoint
 from jaxformer.model import Transformer, TransformerConfig
+from jaxformer.run_config import load_run_config
 from jaxformer.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def read(workdir: str | os.PathLike, *, step: int | None = None, average_last: i
     from jaxformer.data import get_tokenizer
     from jaxformer.data.vocabulary import RUN_VOCABULARIES
 
-    config = checkpoint.load_run_config(workdir)
+    config = load_run_config(workdir)
     vocab = pathlib.Path(workdir) / checkpoint.VOCAB_FILE
     if not any((pathlib.Path(workdir) / name).exists() for name in RUN_VOCABULARIES):
         raise checkpoint.CheckpointError(f"{vocab} not found (nor {', '.join(RUN_VOCABULARIES[1:])}): the run's "

@@ -1,0 +1,44 @@
+"""What a validation during training decodes, and how the outputs score: the valid pairs
+train.eval_bleu_sentences names; cased and lowercased sacreBLEU and exact match, or a parser's dev parseval F1
+(`jaxformer.parsing`)."""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+
+from jaxformer import parallel
+from jaxformer.config import ALL_SENTENCES
+from jaxformer.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, str]], decode_cfg, *,
+                  tokenize: str = "13a") -> tuple[dict, list[str]]:
+    """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
+    same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
+    from jaxformer.bleu import bleu_scores
+    from jaxformer.translate import translate_texts
+
+    if getattr(tokenizer, "kind", None) == "words":  # a parser: dev parseval F1 instead (jaxformer.parsing)
+        from jaxformer.parsing import validation_scores
+        return validation_scores(model, parallel.to_local(params), tokenizer, pairs, decode_cfg)
+    hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)
+    references = [t for _, t in pairs]
+    bleu = bleu_scores(hypotheses, references, tokenize=tokenize or None)
+    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs)
+    return {"bleu": bleu.score, "bleu_lowercase": bleu.lowercased.score, "exact_match": exact}, hypotheses
+
+
+def bleu_pairs(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """The validation pairs each validation decodes: all (train.eval_bleu_sentences=-1), the first N, or none (0)."""
+    from jaxformer.data import read_pairs
+
+    n = int(config.train.eval_bleu_sentences)
+    if n == 0:
+        return []
+    pairs = read_pairs(config.data, "valid", limit=None if n == ALL_SENTENCES else n)
+    log.info("validation decodes %d pairs of the valid split (train.eval_bleu_sentences=%d)", len(pairs), n)
+    return pairs
