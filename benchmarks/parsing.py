@@ -21,7 +21,8 @@ dev 0140-0159, test 0160-0179; trees normalized as for training. Every engine is
                            `python -m supar.cmds.crf_con train`, unless --peer-model names a trained one;
                            it predicts over the gold trees' words and tags (`predict`), so its tags are the gold
                            ones. --no-peer skips it.
-Rows: F1 on all sentences and on those of <= 40 words, tagging accuracy (the "tags" column says whose tags),
+Rows: F1 on all sentences and on those of <= 40 words, tagging accuracy (the "tags" column says whose tags;
+ours also teacher-forced, `tagging_forced`: the gold tag ranked first given the gold symbols before it),
 exact match (EVALB's complete match, %), ill-formed outputs (ours without the mask: before repair),
 sentences parsed per second (parsing only: ours after one untimed warm-up pass of the same sentences, which
 compiles the search; SuPar's own figure for its predict loop), and training time where known: ours from the
@@ -48,8 +49,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "ptb_sample"
-COLUMNS = ["engine", "tags", "f1", "f1_40", "tagging", "exact_match", "ill_formed", "sentences_per_s", "train_s",
-           "s_per_step", "s_per_epoch"]
+COLUMNS = ["engine", "tags", "f1", "f1_40", "tagging", "tagging_forced", "exact_match", "ill_formed",
+           "sentences_per_s", "train_s", "s_per_step", "s_per_epoch"]
 RIGHT_BRANCHING_LABEL = "S"  # the label README's 8.92 used for every constituent
 PEER_EPOCHS = 100  # ~1 min an epoch on 2 CPU cores (../shared/data/ptb_sample/README.md): a 2-hour budget
 PEER_PATIENCE = 20
@@ -115,6 +116,39 @@ def run_training(path: pathlib.Path) -> dict:
     return out
 
 
+def forced_tagging(translator, trees, batch: int = 32) -> float:
+    """The share (%) of the gold tags that the model ranks first when it is fed the gold tree's symbols before
+    each one (teacher forcing, as in training; the searches' scores: PAD and BOS excluded). Beside the search's
+    tagging accuracy it says whether a low figure is the model not reading its words (both low) or its own
+    earlier symbols leading it astray (this one higher)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxformer import grammar
+    from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
+    from jaxformer.data.treebank import linearize
+    from jaxformer.decode_masks import masked_logits
+
+    vocab = translator.tokenizer
+    kinds = vocab.grammar_kinds()
+    params = translator.params["params"] if "params" in translator.params else translator.params
+    right = total = 0
+    for start in range(0, len(trees), batch):
+        pairs = [linearize(tree) for tree in trees[start:start + batch]]
+        src = [ids + [EOS_ID] for ids in vocab.encode([" ".join(words) for words, _ in pairs])]  # as the search
+        tgt = [ids + [EOS_ID] for ids in vocab.encode_target([" ".join(symbols) for _, symbols in pairs])]
+        pad = lambda rows, first=(): np.array([list(first) + r + [PAD_ID] * (max(map(len, rows)) - len(r))  # noqa: E731
+                                               for r in rows], np.int32)
+        target = pad(tgt)
+        logits = translator.model.apply({"params": params}, jnp.asarray(pad(src)),
+                                        jnp.asarray(pad([r[:-1] for r in tgt], (BOS_ID,))))
+        first = np.asarray(jnp.argmax(masked_logits(logits), axis=-1))
+        is_tag = kinds[target] == grammar.TAG
+        right += int(np.sum((first == target) & is_tag))
+        total += int(np.sum(is_tag))
+    return 100.0 * right / total if total else 0.0
+
+
 def ours(args, gold) -> list[dict]:
     """Our parser with and without the grammar mask: one untimed warm-up pass, then one timed pass each."""
     from jaxformer.cli_args import decode_overrides, load_model
@@ -132,6 +166,7 @@ def ours(args, gold) -> list[dict]:
               f"skips them (scored as skipped)", file=sys.stderr)
     words = [gold[i].leaves() for i in inside]
     training = run_training(pathlib.Path(args.model))
+    forced = forced_tagging(translator, [gold[i] for i in inside])
     rows = []
     for grammar in (True, False):
         parse_words(translator, words, grammar=grammar, **overrides)  # warm-up: compiles the search
@@ -142,7 +177,7 @@ def ours(args, gold) -> list[dict]:
         for i, parse in zip(inside, parses):
             trees[i] = parse.tree
         rows.append({"engine": f"jaxformer {'grammar' if grammar else 'no-grammar'}", "tags": "predicted",
-                     **scores(gold, trees, sum(p.repaired for p in parses)),
+                     **scores(gold, trees, sum(p.repaired for p in parses)), "tagging_forced": forced,
                      "sentences_per_s": len(parses) / seconds, "parse_s": seconds,
                      "over_word_limit": len(gold) - len(inside), "model": str(args.model),
                      "checkpoint_steps": translator.checkpoint_steps, "beam_size": settings["beam_size"],
