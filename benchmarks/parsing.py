@@ -3,6 +3,7 @@ right-branching baseline and a trained peer, SuPar's CRF constituency parser, in
 
     python benchmarks/parsing.py --model runs/ptb_parse                 # test split; trains SuPar (~2 hours)
     python benchmarks/parsing.py --model runs/ptb_parse --peer-model W/supar.crf_con.model   # reuse SuPar
+    python benchmarks/parsing.py --model runs/ptb_parse --peer-only --work-dir W   # SuPar alone, into W
     python benchmarks/parsing.py --model runs/ptb_parse --split dev --beam-size 4 --no-peer
 
 The sample (../shared/data/ptb_sample, read by jaxformer.data.treebank) split by file: train wsj_0001-0139,
@@ -295,6 +296,8 @@ def main(argv=None):
                         "temporary directory)")
     g = parser.add_argument_group("the peer (SuPar's CRF constituency parser)")
     g.add_argument("--no-peer", action="store_true", help="skip SuPar")
+    g.add_argument("--peer-only", action="store_true",
+                   help="SuPar alone (train it into --work-dir while our run trains; later --peer-model reuses it)")
     g.add_argument("--peer-model", default=None, metavar="PATH", help="a trained SuPar crf_con model: predict only")
     g.add_argument("--peer-epochs", type=int, default=PEER_EPOCHS,
                    help=f"SuPar's training epochs (default {PEER_EPOCHS}: what a 2-hour budget allows on 2 CPU "
@@ -316,9 +319,12 @@ def main(argv=None):
 
     gold = read_split(args.treebank, args.split)[:args.limit]
     print(f"# {device_summary()}; {len(gold)} trees of the {args.split} split of {args.treebank}")
-    rows = ours(args, gold)
-    rows.append({"engine": "right-branching", "tags": "gold", "label": RIGHT_BRANCHING_LABEL,
-                 **scores(gold, [right_branching(t) for t in gold], 0)})
+    if args.peer_only and (args.no_peer or args.peer_model):
+        raise SystemExit("error: --peer-only trains SuPar: drop --no-peer and --peer-model")
+    rows = [] if args.peer_only else ours(args, gold)
+    if not args.peer_only:
+        rows.append({"engine": "right-branching", "tags": "gold", "label": RIGHT_BRANCHING_LABEL,
+                     **scores(gold, [right_branching(t) for t in gold], 0)})
     if not args.no_peer:
         work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="jaxformer-parsing-")).resolve()
         work.mkdir(parents=True, exist_ok=True)
