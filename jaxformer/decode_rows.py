@@ -5,9 +5,11 @@ step until then (on the shared Multi30k model, beam 4, batches of 64: 1.85x the 
 `compacting_loop` runs the search's growing-cache segments (`decode_cache.segmented_loop`); from the second
 segment on, it stops as soon as at most 1/COMPACT_TO of the rows are live, gathers those rows (their search
 state, their per-row inputs and their cache, grown to the full buffer) into a batch 1/COMPACT_TO the size,
-finishes them in one more loop, and puts their results back in their rows. The tokens are the same, row for
-row (scores to float rounding: a smaller batch's products may round differently); one more loop body is
-compiled, not one per segment: every segment hands over to the same loop.
+finishes them in one more loop, and puts their results back in their rows. That loop hands over in turn,
+once at most 1/COMPACT_TO of its rows are live, while the smaller batch keeps MIN_ROWS rows (batches of 64:
+64, then 16, then 4). The tokens are the same, row for row (scores to float rounding: a smaller batch's
+products may round differently); one more loop body is compiled per batch size, not one per segment: every
+segment hands over to the same loop.
 
 State convention (the searches' loop state): (i, *rest, cache), i the int32 step; every array of `rest` and
 of the cache with at least one axis has the batch's rows on axis 0, and scalars (the cache's step counters)
@@ -25,6 +27,13 @@ COMPACT_TO = 4  # the live rows go on alone once they are at most 1/COMPACT_TO o
 MIN_ROWS = 4  # ... and only while that smaller batch still has at least this many rows
 
 
+def _smaller(rows) -> int:
+    """The batch the live rows of a `rows`-row batch go on in: 1/COMPACT_TO the size, or 0 (none) below
+    MIN_ROWS rows or for a symbolic batch (jax.export)."""
+    small = rows // COMPACT_TO if isinstance(rows, int) else 0
+    return small if small >= MIN_ROWS else 0
+
+
 def _rows(tree, idx):
     """The rows `idx` of every batch-major array of `tree` (scalars as they are)."""
     return jax.tree.map(lambda a: a if a.ndim == 0 else a[idx], tree)
@@ -38,34 +47,50 @@ def _put_back(full, part, idx):
 def compacting_loop(segments, state, body, live_rows, compact: bool = True):
     """Run `body` over `state` until no row is live (`live_rows(state)` -> bool [B]), as
     `segmented_loop(segments, state, body, all_done)`; with `compact`, the few live rows of a long search
-    finish in a smaller batch (module doc). Returns (the state without its cache, the row-steps computed:
+    finish in smaller batches (module doc). Returns (the state without its cache, the row-steps computed:
     steps x rows of every loop, the first step's rows included)."""
     batch = jax.tree.leaves(state[1:])[0].shape[0]
-    small = batch // COMPACT_TO if isinstance(batch, int) else 0  # a symbolic batch (jax.export): no compaction
+    small = _smaller(batch)
     all_done = lambda s: ~jnp.any(live_rows(s))  # noqa: E731
-    if not compact or len(segments) < 2 or small < MIN_ROWS:
+    if not compact or len(segments) < 2 or not small:
         out = segmented_loop(segments, state, body, all_done)
         return out, out[0] * batch
-    few = lambda s: jnp.sum(live_rows(s), dtype=jnp.int32) <= small  # noqa: E731
+    end = segments[-1]
+    few = lambda rows: lambda s: jnp.sum(live_rows(s), dtype=jnp.int32) <= rows  # noqa: E731
 
-    def hand_over(s):
-        """The live rows first (in order), `small` of them, with the cache at the buffer's full length."""
-        idx = jnp.argsort(~live_rows(s), stable=True)[:small]
+    def hand_over(s, rows):
+        """The live rows first (in order), `rows` of them, with the cache at the buffer's full length."""
+        idx = jnp.argsort(~live_rows(s), stable=True)[:rows]
         part = _rows(s, idx)
-        return s[:-1], part[:-1] + (grow_cache(part[-1], segments[-1]),), idx
+        return s[:-1], part[:-1] + (grow_cache(part[-1], end),), idx
+
+    def finish(s, rows, counted):
+        """Run the `rows`-row state `s` (its cache at full length; `counted` row-steps up to its step) to the
+        end, handing over to a batch a quarter the size again while that batch keeps MIN_ROWS rows."""
+        start, sub = s[0], _smaller(rows)
+        go = (lambda s: ~few(sub)(s)) if sub else (lambda s: ~all_done(s))  # noqa: E731
+        s = jax.lax.while_loop(lambda s: (s[0] < end) & go(s), body, s)
+        counted = counted + (s[0] - start) * rows
+        if not sub:
+            return s[:-1], counted
+
+        def again(s):
+            full, part, idx = hand_over(s, sub)
+            part, total = finish(part, sub, counted)
+            return _put_back(full, part, idx), total
+        return jax.lax.cond(all_done(s) | (s[0] >= end), lambda s: (s[:-1], counted), again, s)
 
     def later(n, s):  # segments 1, 2, ...: stop early once few rows are live, then hand over
-        s = jax.lax.while_loop(lambda s: (s[0] < segments[n]) & ~few(s), body, s)
+        s = jax.lax.while_loop(lambda s: (s[0] < segments[n]) & ~few(small)(s), body, s)
         if n + 1 == len(segments):
-            return hand_over(s)
-        return jax.lax.cond(few(s), hand_over, lambda s: later(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),)),
-                            s)
+            return hand_over(s, small)
+        return jax.lax.cond(few(small)(s), lambda s: hand_over(s, small),
+                            lambda s: later(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),)), s)
 
     def go_on(s):
         full, part, idx = later(1, s[:-1] + (grow_cache(s[-1], segments[1]),))
-        start = part[0]
-        part = jax.lax.while_loop(lambda s: (s[0] < segments[-1]) & ~all_done(s), body, part)
-        return _put_back(full, part[:-1], idx), start * batch + (part[0] - start) * small
+        part, counted = finish(part, small, part[0] * batch)  # one loop per batch size, whatever the segment
+        return _put_back(full, part, idx), counted
 
     state = jax.lax.while_loop(lambda s: (s[0] < segments[0]) & ~all_done(s), body, state)
     return jax.lax.cond(all_done(state), lambda s: (s[:-1], s[0] * batch), go_on, state)

@@ -1,5 +1,6 @@
 """Finished rows leave the batch (jaxformer.decode_rows): the searches give the same outputs, row for row, when
-the last live rows finish in a batch a quarter the size (scores to float rounding), with fewer row-steps."""
+the last live rows finish in a batch a quarter the size, and a quarter of that again while it keeps MIN_ROWS
+rows (scores to float rounding), with the row-steps that rule gives."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jaxformer.decode_cache import search_segments
 
 EXTRA = 25
 ROWS = 32
+SEGMENTS = (16, 35)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def batch():
     lengths[:3] = [9, 9, 1]
     src = sources(lengths, 10, RANDOM_CFG.vocab_size, seed=4)
     buffer_len = decode.decode_buffer_len(src.shape[1], RANDOM_CFG, max_extra_len=EXTRA)
-    assert search_segments(buffer_len) == (16, 35)
+    assert search_segments(buffer_len) == SEGMENTS
     prefix = np.full((ROWS, 3), PAD_ID, np.int32)
     for row in range(0, ROWS, 3):  # every third row starts with its own forced tokens
         prefix[row, : 1 + row % 3] = 5 + row % 7
@@ -35,7 +37,20 @@ def both(compiled, *args):
     return [jax.tree.map(np.asarray, compiled(compact)(*args)) for compact in (True, False)]
 
 
-def assert_same(compacted, plain):
+def expected_row_steps(done_at, segments):
+    """The row-steps of the compaction rule, step by step from the rows' `done_at` (a row is live at step i
+    while done_at > i): from the first segment's end on, the batch shrinks to a quarter whenever at most a
+    quarter of it is live and that quarter keeps MIN_ROWS rows. Returns (row-steps, the smallest batch)."""
+    rows = counted = len(done_at)
+    step = 1
+    while step < segments[-1] and (live := int(np.sum(done_at > step))):
+        while step >= segments[0] and rows // 4 >= decode_rows.MIN_ROWS and live <= rows // 4:
+            rows //= 4
+        counted, step = counted + rows, step + 1
+    return counted, rows
+
+
+def assert_same(compacted, plain, segments):
     assert set(compacted) == set(plain)
     for name in plain:  # tokens and steps the same; scores to float rounding (a smaller batch's products)
         if name in ("scores", "log_probs"):
@@ -45,20 +60,20 @@ def assert_same(compacted, plain):
     steps, rows = int(plain["steps"]), plain["done_at"].shape[0]
     assert int(plain["row_steps"]) == steps * rows
     assert int(compacted["row_steps"]) < steps * rows  # the last rows ran in a smaller batch
-    assert int(compacted["row_steps"]) >= int(plain["done_at"].sum())
+    assert int(compacted["row_steps"]) == expected_row_steps(plain["done_at"], segments)[0]
 
 
 def test_greedy_and_sampling_give_the_same_rows_with_fewer_row_steps(random_model, batch):
     model, params = random_model
     src, buffer_len, prefix = batch
     greedy = lambda compact: decode._compiled_greedy(RANDOM_CFG, buffer_len, EXTRA, compact=compact)  # noqa: E731
-    assert_same(*both(greedy, {"params": params["params"]}, src, prefix, None, None))
+    assert_same(*both(greedy, {"params": params["params"]}, src, prefix, None, None), SEGMENTS)
     sampling = {"keys": jax.random.key_data(jax.random.split(jax.random.key(7), ROWS)),
                 "temperature": jnp.float32(1.0), "top_p": jnp.float32(1.0)}
     sample = lambda compact: decode._compiled_greedy(RANDOM_CFG, buffer_len, EXTRA, "topk", 5,  # noqa: E731
                                                      compact=compact)
     compacted, plain = both(sample, {"params": params["params"]}, src, None, sampling, None)
-    assert_same(compacted, plain)
+    assert_same(compacted, plain, SEGMENTS)
     assert len({tuple(row) for row in plain["tokens"]}) == ROWS  # the rows' own keys: every sample differs
 
 
@@ -69,8 +84,22 @@ def test_beam_search_gives_the_same_hypotheses_with_fewer_row_steps(random_model
     beam = lambda compact: decode._compiled_beam(RANDOM_CFG, 4, buffer_len, EXTRA, stop, nbest,  # noqa: E731
                                                  compact=compact)
     compacted, plain = both(beam, {"params": params["params"]}, src, jnp.float32(0.6), prefix, None)
-    assert_same(compacted, plain)
+    assert_same(compacted, plain, SEGMENTS)
     np.testing.assert_array_equal(plain["tokens"][::3, 0, 0], 5 + np.arange(0, ROWS, 3) % 7)  # the prefixes held
+
+
+def test_a_batch_of_64_goes_on_in_16_rows_then_in_4(random_model):
+    """Greedy search on 64 rows whose limits spread over the second segment (48 rows of 1-5 tokens, 12 of
+    6-7, 4 of 9): the last 16 live rows go on alone, then the last 4 of those; same tokens, and the
+    row-steps of the rule."""
+    model, params = random_model
+    lengths = np.random.default_rng(8).permutation(np.repeat([1, 3, 5, 6, 7, 9], [16, 16, 16, 6, 6, 4]))
+    src = jnp.asarray(sources(lengths, 10, RANDOM_CFG.vocab_size, seed=9))
+    buffer_len = decode.decode_buffer_len(src.shape[1], RANDOM_CFG, max_extra_len=EXTRA)
+    greedy = lambda compact: decode._compiled_greedy(RANDOM_CFG, buffer_len, EXTRA, compact=compact)  # noqa: E731
+    compacted, plain = both(greedy, {"params": params["params"]}, src, None, None, None)
+    assert_same(compacted, plain, search_segments(buffer_len))
+    assert expected_row_steps(plain["done_at"], search_segments(buffer_len))[1] == 4
 
 
 def test_small_batches_and_one_segment_searches_are_not_compacted(random_model):
@@ -99,4 +128,4 @@ def test_the_grammar_state_follows_the_rows_it_belongs_to():
     rules = {"kinds": jnp.asarray(kinds, jnp.int32), "words": jnp.asarray(words, jnp.int32)}
     beam = lambda compact: decode._compiled_beam(cfg, 4, 34, 24, "bound", 1, compact=compact)  # noqa: E731
     compacted, plain = both(beam, {"params": params["params"]}, src, jnp.float32(0.6), None, rules)
-    assert_same(compacted, plain)
+    assert_same(compacted, plain, search_segments(34))
