@@ -129,10 +129,11 @@ def forced_tagging(translator, trees, batch: int = 32) -> float:
     from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
     from jaxformer.data.treebank import linearize
     from jaxformer.decode_masks import masked_logits
+    from jaxformer.io.params import unwrap
 
     vocab = translator.tokenizer
     kinds = vocab.grammar_kinds()
-    params = translator.params["params"] if "params" in translator.params else translator.params
+    params = unwrap(translator.params)
     right = total = 0
     for start in range(0, len(trees), batch):
         pairs = [linearize(tree) for tree in trees[start:start + batch]]
