@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
-from jaxformer.model import Transformer, TransformerConfig
+from jaxformer.model import Transformer, TransformerConfig, unwrap
 
 __all__ = ["hard_alignments"]
 
@@ -41,7 +41,7 @@ def hard_alignments(model: Transformer, params, src_ids: Sequence[Sequence[int]]
     if len(src_ids) != len(tgt_ids):
         raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets to align")
     fn = _compiled_cross_attention(config, layer % layers)
-    variables = {"params": params["params"] if "params" in params else params}
+    variables = {"params": unwrap(params)}
     limit = config.max_len - 1
     out: list[list[tuple[int, int]]] = [[] for _ in src_ids]
     todo = sorted((n for n in range(len(src_ids)) if src_ids[n] and tgt_ids[n]),

@@ -118,6 +118,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     Without `out_dir`, the files go to `model_path/evaluation/<split or source file name>`. A parser is
     scored by parseval instead (`ParsevalResult`; `grammar=False` searches without the mask)."""
     from jaxformer.config import default_config
+    from jaxformer.data import is_parser
     from jaxformer.io import load
 
     if tokenized and tok_refs is not None:
@@ -132,7 +133,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     model_path = pathlib.Path(model_path)
     translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
     config = translator.config if translator.config is not None else default_config()
-    if getattr(translator.tokenizer, "kind", None) == "words":
+    if is_parser(translator.tokenizer):
         test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
         out = pathlib.Path(out_dir) if out_dir is not None else model_path / "evaluation" / test_set[3]
         return evaluate_parser(translator, *test_set, out, grammar=grammar,
@@ -288,6 +289,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
 
     from jaxformer.bleu import tokenized_bleu
     from jaxformer.config import default_config
+    from jaxformer.data import is_parser
     from jaxformer.io import load
 
     swept = [k for k in grid if k in SWEEP_CHECKPOINTS]
@@ -309,7 +311,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
             decode = dict(zip(decode_keys, settings))
             row = {**dict(zip(swept, values)), **decode}
             settings = {**dict(decode_overrides or {}), **decode}
-            if getattr(translator.tokenizer, "kind", None) == "words":  # a parser: parseval F1
+            if is_parser(translator.tokenizer):  # a parser: parseval F1
                 metric, score = "f1", _parser_f1(translator, sources, references, origin, **settings)
             else:
                 hypotheses = translator.translate(sources, **settings)

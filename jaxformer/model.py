@@ -410,5 +410,10 @@ def init_params(config: TransformerConfig, rng: jax.Array, src_len: int = 8, tgt
     return Transformer(config).init(rng, src, tgt)
 
 
+def unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The tree itself, from {"params": tree} (what init and checkpoints give) or the bare tree."""
+    return params["params"] if "params" in params else params
+
+
 def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

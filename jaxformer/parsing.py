@@ -20,6 +20,7 @@ from typing import Sequence
 
 from nltk.tree import Tree
 
+from jaxformer.data import is_parser
 from jaxformer.data.treebank import CLOSE, IllFormedTree, delinearize, to_bracket
 from jaxformer.translate import search_ids
 
@@ -54,7 +55,7 @@ def tokenize(text: str) -> list[str]:
 
 def _vocabulary(translator):
     vocab = translator.tokenizer
-    if getattr(vocab, "kind", None) != "words":
+    if not is_parser(vocab):
         raise ParseError(f"{translator.source or 'the model'} is not a parser: its vocabulary is "
                          f"{getattr(vocab, 'kind', 'unknown')!r}, parsing needs a 'words' vocabulary (train one "
                          f"with configs/ptb_parse.py)")

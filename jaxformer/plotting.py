@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.data import BOS_ID, EOS_ID
-from jaxformer.model import Transformer
+from jaxformer.model import Transformer, unwrap
 
 __all__ = ["AttentionMaps", "attention_maps", "plot_attention", "KINDS"]
 
@@ -68,9 +68,8 @@ def attention_maps(model: Transformer, params, tokenizer, sentence: str, *, tran
     out_ids = out_ids[: config.max_len - 1]
     src = jnp.asarray([src_ids + [EOS_ID]], jnp.int32)
     tgt_in = jnp.asarray([[BOS_ID] + out_ids], jnp.int32)
-    variables = params if "params" in params else {"params": params}
     _, state = Transformer(config, record_weights=True).apply(
-        {"params": variables["params"]}, src, tgt_in, mutable=["intermediates"])
+        {"params": unwrap(params)}, src, tgt_in, mutable=["intermediates"])
     inter = state["intermediates"]
     get = lambda name, kind: np.asarray(jax.device_get(inter[name][kind]["attention_weights"][0][0]))  # noqa: E731
     weights = {

@@ -26,6 +26,7 @@ import numpy as np
 from jaxformer import checkpoint as ckpt
 from jaxformer import choose, parallel
 from jaxformer.config import check_lengths, check_train_config
+from jaxformer.data import is_parser
 from jaxformer.attention import accelerator_platform
 from jaxformer.io import init_from
 from jaxformer.metrics import LOG_FILE, MetricsLog, fmt, log_to_file
@@ -208,7 +209,7 @@ class _Trainer:
                      source=source, metrics=MetricsLog(self.workdir, start, enabled=self.is_chief), bar=bar,
                      result={"step": start, "workdir": str(self.workdir)},
                      choice=choose.resumed(t, restored.choice if restored is not None else None,
-                                           parser=getattr(self.tokenizer, "kind", None) == "words"))
+                                           parser=is_parser(self.tokenizer)))
 
     def train_step(self, loop: _Loop, step: int) -> None:
         """One update (of train.grad_accum_steps micro-batches), without waiting for the device."""

@@ -20,9 +20,10 @@ def evaluate_bleu(model: Transformer, params, tokenizer, pairs: list[tuple[str, 
     """Decode the sources of `pairs`; ({"bleu": cased sacreBLEU on the raw references, "bleu_lowercase": the
     same lowercased, "exact_match": fraction of outputs equal to their reference}, the outputs)."""
     from jaxformer.bleu import bleu_scores
+    from jaxformer.data import is_parser
     from jaxformer.translate import translate_texts
 
-    if getattr(tokenizer, "kind", None) == "words":  # a parser: dev parseval F1 instead (jaxformer.parsing)
+    if is_parser(tokenizer):  # a parser: dev parseval F1 instead (jaxformer.parsing)
         from jaxformer.parsing import validation_scores
         return validation_scores(model, parallel.to_local(params), tokenizer, pairs, decode_cfg)
     hypotheses = translate_texts(model, parallel.to_local(params), tokenizer, [s for s, _ in pairs], decode_cfg)

@@ -33,14 +33,14 @@ from jaxformer.data.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, DataError, pro
 from jaxformer.data.prefetch import Prefetcher
 from jaxformer.data.sources import describe_source, ensure_synthetic, load_split, pair_batches, read_pairs
 from jaxformer.data.marian_vocab import MarianVocab
-from jaxformer.data.word_vocab import WordVocab
+from jaxformer.data.word_vocab import WordVocab, is_parser
 from jaxformer.data.vocabulary import (VOCAB_FILENAME, Tokenizer, get_tokenizer, load_vocabulary, run_vocabulary,
                                        sample_sentences, vocabulary_filename)
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB_FILENAME", "BatchIterator", "DataError", "Prefetcher",
            "MarianVocab", "TokenCache", "Tokenizer", "batch_size_for", "cache_dir_for", "ensure_synthetic", "get_tokenizer",
            "load_split", "load_vocabulary", "make_batches", "padding_efficiency", "read_pairs", "run_vocabulary", "sample_sentences",
-           "vocabulary_filename", "WordVocab"]
+           "vocabulary_filename", "WordVocab", "is_parser"]
 
 
 def cache_dir_for(config) -> str:

@@ -20,11 +20,16 @@ import numpy as np
 
 from jaxformer.data.common import EOS_ID, UNK_ID, DataError, output_ids
 
-__all__ = ["KIND", "FILENAME", "WordVocab"]
+__all__ = ["KIND", "FILENAME", "WordVocab", "is_parser"]
 
 KIND = "words"
 FILENAME = "vocab.words.json"  # the file a WordVocab is kept as, in a run workdir or an export
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0-3, as jaxformer.data.common
+
+
+def is_parser(tokenizer) -> bool:
+    """Whether `tokenizer` is a word vocabulary (`kind` "words"), i.e. its model is a parser."""
+    return getattr(tokenizer, "kind", None) == KIND
 
 
 class WordVocab:

@@ -10,10 +10,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-
-def unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The tree itself, from {"params": tree} (what init and checkpoints give) or the bare tree."""
-    return params["params"] if "params" in params else params
+from jaxformer.model import unwrap  # io.params.unwrap too, for the formats
 
 
 def flatten(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
