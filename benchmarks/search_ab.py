@@ -118,19 +118,25 @@ class RowSteps:
 
     def __enter__(self):
         for name, compiled in self.originals.items():
-            setattr(self.decode, name, lambda *a, _c=compiled: self._counting(_c(*a)))
+            setattr(self.decode, name, lambda *a, _c=compiled, **k: self._counting(_c(*a, **k), k.get("stage")))
         return self
 
     def __exit__(self, *exc):
         for name, compiled in self.originals.items():
             setattr(self.decode, name, compiled)
 
-    def _counting(self, fn):
-        def run(*args):
-            out = fn(*args)
-            rows = int(out["done_at"].shape[0])  # row_steps: fewer when finished rows left the batch
-            self.computed += int(out["row_steps"]) if "row_steps" in out else int(out["steps"]) * rows
-            self.needed += int(out["done_at"].sum())
+    def _counting(self, fn, stage):
+        """`fn` counting its outputs; a staged search's first program (stage "start": state, whether done,
+        outputs) counts only when the batch ended there, else its "rest" program counts the whole search."""
+        def run(*args, **kwargs):
+            out = result = fn(*args, **kwargs)
+            if stage == "start":
+                _, done, result = out
+                if not bool(done):
+                    return out
+            rows = int(result["done_at"].shape[0])  # row_steps: fewer when finished rows left the batch
+            self.computed += int(result["row_steps"]) if "row_steps" in result else int(result["steps"]) * rows
+            self.needed += int(result["done_at"].sum())
             return out
         return run
 

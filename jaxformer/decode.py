@@ -9,7 +9,9 @@ later steps read those keys/values from the cache. The loop is a
 self-attention cache, then 32, ..., then the whole buffer, and a search that is
 done never makes the larger caches; once few rows are live, they finish in a batch
 a quarter the size (`decode_rows`). Each search also returns its step count, each
-row's `done_at` step (the row-steps it needed) and the row-steps it computed.
+row's `done_at` step (the row-steps it needed) and the row-steps it computed. With
+`staged=True` a search is two programs, and the second (the later segments) is
+compiled and run only for a batch that reaches them (`decode_rows.Dispatched`).
 
 Conventions shared by everything here:
   * `src` is [B, S] int32: tokens + EOS, right-padded with PAD. An all-PAD row is
@@ -63,15 +65,15 @@ from jaxformer.config import STOP_RULES
 from jaxformer.decode_cache import beam_search_cache, reorder_beams, search_segments
 from jaxformer.decode_masks import (NEG_INF, advance_grammar, as_grammar, as_prefix, constrain, force_eos, force_prefix,
                                     masked_logits, prefix_token, search_log_probs)
-from jaxformer.decode_rows import compacting_loop
-from jaxformer.model import Transformer, TransformerConfig
+from jaxformer.decode_rows import Dispatched, dispatch, search_stage
+from jaxformer.model import Transformer, TransformerConfig, unwrap
 from jaxformer.ops import block_top_k, first_argmax
 
 from jaxformer.data import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = ["length_penalty", "greedy_search", "sample_search", "beam_search", "beam_search_nbest", "score_sequences",
            "token_log_probs", "output_limits",
-           "decode_buffer_len", "init_cache", "NEG_INF"]
+           "decode_buffer_len", "init_cache", "NEG_INF", "Dispatched"]
 
 
 def length_penalty(length, alpha):
@@ -91,9 +93,7 @@ def _config(model) -> TransformerConfig:
 
 def _variables(params: Mapping[str, Any]) -> dict:
     """Accept {"params": tree} (what checkpoints and init return) or the bare tree."""
-    if "params" in params:
-        return {"params": params["params"]}
-    return {"params": params}
+    return {"params": unwrap(params)}
 
 
 def decode_buffer_len(src_len: int, config: TransformerConfig, *, max_len: int | None = None,
@@ -164,33 +164,35 @@ def _sample(logits: jax.Array, keys: jax.Array, i, sampling: dict, kind: str, to
 
 
 def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, src, prefix=None,
-            sampling=None, grammar=None, kind: str | None = None, top_k: int = 0, compact: bool = True):
-    cfg = model.config
-    batch, src_len = src.shape
-    limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
+            sampling=None, grammar=None, kind: str | None = None, top_k: int = 0, compact: bool = True,
+            stage: str = "all", state=None):
     segments = search_segments(buffer_len)
-    src_mask, encoded = _encode(model, variables, src)
-    cache = init_cache(cfg, batch, src_len, segments[0])
-    # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
-    logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
-                                 jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
 
     def choose(logits, i, rows):
         if sampling is None:
             return first_argmax(logits)
         return _sample(logits, jax.random.wrap_key_data(rows["keys"]), i, sampling, kind, top_k)
 
-    # What each row brings to the loop (rows of a batch may leave it: `decode_rows`).
-    rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix,
-            "keys": None if sampling is None else sampling["keys"]}
-    constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
-    logits = constrain(logits, grammar, constraint, limits - 1)
-    logits = force_prefix(force_eos(logits, limits <= 1), prefix_token(prefix, 0, limits <= 1))
-    first = choose(logits, 0, rows)
-    tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
-    done = (first == EOS_ID) | (limits <= 1)
-    done_at = jnp.where(done, 1, 0).astype(jnp.int32)
-    constraint = advance_grammar(grammar, constraint, first)
+    def start():
+        cfg = model.config
+        batch, src_len = src.shape
+        limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)
+        src_mask, encoded = _encode(model, variables, src)
+        cache = init_cache(cfg, batch, src_len, segments[0])
+        # Greedy only takes argmaxes, and log_softmax keeps each row's order: masked logits suffice.
+        logits, cache = _decode_step(model, variables, cache, encoded, src_mask,
+                                     jnp.full((batch,), BOS_ID, jnp.int32), normalize=False)
+        # What each row brings to the loop (rows of a batch may leave it: `decode_rows`).
+        rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix,
+                "keys": None if sampling is None else sampling["keys"]}
+        constraint = None if grammar is None else grammar_lib.initial_state(grammar["words"])
+        logits = constrain(logits, grammar, constraint, limits - 1)
+        logits = force_prefix(force_eos(logits, limits <= 1), prefix_token(prefix, 0, limits <= 1))
+        first = choose(logits, 0, rows)
+        tokens = jnp.full((batch, buffer_len), PAD_ID, jnp.int32).at[:, 0].set(first)
+        done = (first == EOS_ID) | (limits <= 1)
+        done_at = jnp.where(done, 1, 0).astype(jnp.int32)
+        return jnp.int32(1), tokens, done, done_at, advance_grammar(grammar, constraint, first), rows, cache
 
     def body(state):
         i, tokens, done, done_at, constraint, rows, cache = state
@@ -206,36 +208,38 @@ def _greedy(model: Transformer, buffer_len: int, max_extra_len: int, variables, 
         done_at = jnp.where(finished & ~done, i + 1, done_at)
         return i + 1, tokens, finished, done_at, advance_grammar(grammar, constraint, token), rows, cache
 
-    state, row_steps = compacting_loop(segments, (jnp.int32(1), tokens, done, done_at, constraint, rows, cache),
-                                       body, lambda state: ~state[2], compact)
-    i, tokens, _, done_at, _, _ = state
-    return {"tokens": tokens, "steps": i, "done_at": done_at, "row_steps": row_steps}
+    def output(state, row_steps):
+        i, tokens, _, done_at, _, _ = state
+        return {"tokens": tokens, "steps": i, "done_at": done_at, "row_steps": row_steps}
+    return search_stage(stage, segments, start, state, body, lambda state: ~state[2], output, compact)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_greedy(config: TransformerConfig, buffer_len: int, max_extra_len: int, kind: str | None = None,
-                     top_k: int = 0, compact: bool = True):
+                     top_k: int = 0, compact: bool = True, stage: str = "all"):
     return jax.jit(functools.partial(_greedy, Transformer(config), buffer_len, max_extra_len, kind=kind,
-                                     top_k=top_k, compact=compact))
+                                     top_k=top_k, compact=compact, stage=stage))
 
 
 def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_len: int = 50,
-                  prefix=None, grammar=None) -> jax.Array:
+                  prefix=None, grammar=None, staged: bool = False) -> jax.Array:
     """Greedy decoding of src [B,S] -> tokens int32 [B,L] (no BOS; EOS, then PAD).
 
     `max_len` caps the output length (EOS included) below the model's own max_len. At a row's limit EOS is
     forced. `grammar` ({"kinds": [V], "words": [B]}, see `jaxformer.grammar`) keeps each output a tree.
+    `staged`: a `decode_rows.Dispatched` whose `result()` is the tokens (the searches take it too).
     """
     cfg = _config(model)
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    return _compiled_greedy(cfg, buffer_len, int(max_extra_len))(_variables(params), src, as_prefix(prefix), None,
-                                                                 as_grammar(grammar))["tokens"]
+    return dispatch(functools.partial(_compiled_greedy, cfg, buffer_len, int(max_extra_len)),
+                     (_variables(params), src, as_prefix(prefix), None, as_grammar(grammar)),
+                     lambda out: out["tokens"], staged)
 
 
 def sample_search(model, params, src, keys, *, kind: str = "full", temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, max_len: int | None = None, max_extra_len: int = 50, prefix=None,
-                  grammar=None) -> jax.Array:
+                  grammar=None, staged: bool = False) -> jax.Array:
     """Ancestral sampling of src [B,S] -> tokens [B,L], as greedy_search but each token drawn (see `_sample`):
     kind "full", "topk" (top_k tokens) or "topp" (top_p of the mass), at `temperature`. keys: one PRNG key per
     row ([B] typed keys or [B,2] key data); a row's sample depends on its key, not on the other rows."""
@@ -250,9 +254,11 @@ def sample_search(model, params, src, keys, *, kind: str = "full", temperature: 
     if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
         keys = jax.random.key_data(keys)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    fn = _compiled_greedy(cfg, buffer_len, int(max_extra_len), kind, int(top_k) if kind == "topk" else 0)
+    fn = functools.partial(_compiled_greedy, cfg, buffer_len, int(max_extra_len), kind,
+                           int(top_k) if kind == "topk" else 0)
     sampling = {"keys": keys, "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p)}
-    return fn(_variables(params), src, as_prefix(prefix), sampling, as_grammar(grammar))["tokens"]
+    return dispatch(fn, (_variables(params), src, as_prefix(prefix), sampling, as_grammar(grammar)),
+                     lambda out: out["tokens"], staged)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -265,28 +271,17 @@ def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: int, variables, src, alpha,
-          prefix=None, grammar=None, stop: str = "bound", nbest: int = 1, compact: bool = True):
-    cfg = model.config
-    batch, src_len = src.shape
+          prefix=None, grammar=None, stop: str = "bound", nbest: int = 1, compact: bool = True,
+          stage: str = "all", state=None):
     k, n = beam_size, nbest
-    limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)  # [B]
     alpha = jnp.asarray(alpha, jnp.float32)
     segments = search_segments(buffer_len)
     penalty = length_penalty if stop == "bound" else (lambda length, a: length ** a)  # fairseq / CTranslate2
 
-    # The first step runs on B rows: every beam starts from the same BOS, so the cross-attention keys/values
-    # (and the BOS self-attention entry) are computed once per sentence; then K beams per sentence.
-    src_mask, encoded = _encode(model, variables, src)
-    cache = init_cache(cfg, batch, src_len, segments[0])
-    first_log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
-                                          jnp.full((batch,), BOS_ID, jnp.int32))
-    cache = beam_search_cache(cache, k)
-    vocab = first_log_probs.shape[-1]
-
     def select(i, log_probs, search, rows):
         """Extend the live beams by the token at position i (new length i + 1). log_probs [B,K,V]."""
         live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, done, done_at, constraint = search
-        limits, prefix = rows["limits"], rows["prefix"]
+        limits, prefix, vocab = rows["limits"], rows["prefix"], log_probs.shape[-1]
         length = (i + 1).astype(jnp.float32)
         at_limit = (i + 1 >= limits)[:, None]  # [B,1]
         log_probs = constrain(log_probs, grammar, constraint, (limits - i - 1)[:, None])
@@ -330,39 +325,50 @@ def _beam(model: Transformer, beam_size: int, buffer_len: int, max_extra_len: in
         return (live_seqs, live_scores, fin_seqs, fin_scores, fin_log_probs, fin_count, now_done, done_at,
                 constraint), origin
 
-    search = (jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32),  # live_seqs
-              jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1)),  # one live beam
-              jnp.full((batch, n, buffer_len), PAD_ID, jnp.int32),  # fin_seqs, best first
-              jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_scores
-              jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_log_probs
-              jnp.zeros((batch,), jnp.int32),  # fin_count
-              jnp.zeros((batch,), bool),  # done
-              jnp.zeros((batch,), jnp.int32),  # done_at
-              None if grammar is None else grammar_lib.initial_state(
-                  jnp.broadcast_to(jnp.asarray(grammar["words"])[:, None], (batch, k))))  # the grammar's state
-    rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix}  # what each row brings to the loop
-    search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :], (batch, k, vocab)), search,
-                            rows)
-    cache = reorder_beams(cache, origin)
+    def start():
+        cfg = model.config
+        batch, src_len = src.shape
+        limits = output_limits(src, buffer_len, max_extra_len, cfg.pad_id)  # [B]
+        # The first step runs on B rows: every beam starts from the same BOS, so the cross-attention
+        # keys/values (and the BOS self-attention entry) are computed once per sentence; then K beams each.
+        src_mask, encoded = _encode(model, variables, src)
+        cache = init_cache(cfg, batch, src_len, segments[0])
+        first_log_probs, cache = _decode_step(model, variables, cache, encoded, src_mask,
+                                              jnp.full((batch,), BOS_ID, jnp.int32))
+        search = (jnp.full((batch, k, buffer_len), PAD_ID, jnp.int32),  # live_seqs
+                  jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1)),  # one live beam
+                  jnp.full((batch, n, buffer_len), PAD_ID, jnp.int32),  # fin_seqs, best first
+                  jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_scores
+                  jnp.full((batch, n), NEG_INF, jnp.float32),  # fin_log_probs
+                  jnp.zeros((batch,), jnp.int32),  # fin_count
+                  jnp.zeros((batch,), bool),  # done
+                  jnp.zeros((batch,), jnp.int32),  # done_at
+                  None if grammar is None else grammar_lib.initial_state(
+                      jnp.broadcast_to(jnp.asarray(grammar["words"])[:, None], (batch, k))))  # the grammar's state
+        rows = {"src_mask": src_mask, "limits": limits, "prefix": prefix}  # what each row brings to the loop
+        search, origin = select(jnp.int32(0), jnp.broadcast_to(first_log_probs[:, None, :],
+                                                               (batch, k, first_log_probs.shape[-1])), search, rows)
+        return jnp.int32(1), search, rows, reorder_beams(beam_search_cache(cache, k), origin)
 
     def body(state):
         i, search, rows, cache = state
         previous = jax.lax.dynamic_index_in_dim(search[0], i - 1, axis=2, keepdims=False)  # [B,K]
         log_probs, cache = _decode_step(model, variables, cache, None, rows["src_mask"], previous.reshape(-1))
-        search, origin = select(i, log_probs.reshape(-1, k, vocab), search, rows)
+        search, origin = select(i, log_probs.reshape(-1, k, log_probs.shape[-1]), search, rows)
         return i + 1, search, rows, reorder_beams(cache, origin)
 
-    (i, search, _), row_steps = compacting_loop(segments, (jnp.int32(1), search, rows, cache), body,
-                                                lambda state: ~state[1][6], compact)
-    return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7],
-            "row_steps": row_steps}
+    def output(state, row_steps):
+        i, search, _ = state
+        return {"tokens": search[2], "scores": search[3], "log_probs": search[4], "steps": i, "done_at": search[7],
+                "row_steps": row_steps}
+    return search_stage(stage, segments, start, state, body, lambda state: ~state[1][6], output, compact)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_beam(config: TransformerConfig, beam_size: int, buffer_len: int, max_extra_len: int,
-                   stop: str = "bound", nbest: int = 1, compact: bool = True):
+                   stop: str = "bound", nbest: int = 1, compact: bool = True, stage: str = "all"):
     return jax.jit(functools.partial(_beam, Transformer(config), beam_size, buffer_len, max_extra_len,
-                                     stop=stop, nbest=nbest, compact=compact))
+                                     stop=stop, nbest=nbest, compact=compact, stage=stage))
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50,
@@ -384,12 +390,13 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6, m
 
 def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alpha: float = 0.6,
                       max_extra_len: int = 50, max_len: int | None = None, stop: str = "bound",
-                      prefix=None, grammar=None) -> dict:
+                      prefix=None, grammar=None, staged: bool = False) -> dict:
     """`beam_search`'s N best finished hypotheses of each row, best first: {"tokens" [B,N,L], "scores" [B,N]
     (length-penalised), "log_probs" [B,N] (their sums of token log-probs, EOS included), ...}. N <= the beam
     size; with stop="bound" a row ends once no live beam can beat its N-th best. A row with fewer than N
     finished hypotheses has NEG_INF scores in the rest. `prefix` [B,P] (PAD after each row's prefix; no EOS)
-    forces each output's first tokens, at their log-probs' cost; the search goes on from there."""
+    forces each output's first tokens, at their log-probs' cost; the search goes on from there. `staged`: as
+    `greedy_search`'s."""
     cfg = _config(model)
     if int(beam_size) < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -399,8 +406,9 @@ def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alp
         raise ValueError(f"decode.stop: unknown rule {stop!r}; choose one of {', '.join(STOP_RULES)}")
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
-    fn = _compiled_beam(cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
-    return fn(_variables(params), src, jnp.float32(alpha), as_prefix(prefix), as_grammar(grammar))
+    fn = functools.partial(_compiled_beam, cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
+    return dispatch(fn, (_variables(params), src, jnp.float32(alpha), as_prefix(prefix), as_grammar(grammar)),
+                     lambda out: out, staged)
 
 
 # ----------------------------------------------------------------------------- scoring

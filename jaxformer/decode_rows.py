@@ -11,6 +11,10 @@ once at most 1/COMPACT_TO of its rows are live, while the smaller batch keeps MI
 products may round differently); one more loop body is compiled per batch size, not one per segment: every
 segment hands over to the same loop.
 
+A search may also run as two programs (`search_stage`, `Dispatched`): the first segment, then the rest only
+for a batch with live rows after it, so a batch that ends early never compiles the later segments and the
+compaction loops (on short sentences, most of the search's compilation).
+
 State convention (the searches' loop state): (i, *rest, cache), i the int32 step; every array of `rest` and
 of the cache with at least one axis has the batch's rows on axis 0, and scalars (the cache's step counters)
 are shared by all rows.
@@ -44,16 +48,23 @@ def _put_back(full, part, idx):
     return jax.tree.map(lambda a, b: b if a.ndim == 0 else a.at[idx].set(b), full, part)
 
 
-def compacting_loop(segments, state, body, live_rows, compact: bool = True):
-    """Run `body` over `state` until no row is live (`live_rows(state)` -> bool [B]), as
-    `segmented_loop(segments, state, body, all_done)`; with `compact`, the few live rows of a long search
-    finish in smaller batches (module doc). Returns (the state without its cache, the row-steps computed:
-    steps x rows of every loop, the first step's rows included)."""
+def first_segment(segments, state, body, live_rows):
+    """`body` over `state` up to the first segment's end, or until no row is live: every search's start."""
+    return jax.lax.while_loop(lambda s: (s[0] < segments[0]) & jnp.any(live_rows(s)), body, state)
+
+
+def later_segments(segments, state, body, live_rows, compact: bool = True):
+    """The rest of the loop for a `first_segment` state (its cache at the first segment's length): the later
+    segments, and with `compact` the few live rows of a long search finishing in smaller batches (module
+    doc). Returns (the state without its cache, the row-steps computed: steps x rows of every loop, the first
+    step's rows included)."""
     batch = jax.tree.leaves(state[1:])[0].shape[0]
     small = _smaller(batch)
     all_done = lambda s: ~jnp.any(live_rows(s))  # noqa: E731
-    if not compact or len(segments) < 2 or not small:
-        out = segmented_loop(segments, state, body, all_done)
+    if len(segments) < 2:
+        return state[:-1], state[0] * batch
+    if not compact or not small:
+        out = segmented_loop(segments[1:], state[:-1] + (grow_cache(state[-1], segments[1]),), body, all_done)
         return out, out[0] * batch
     end = segments[-1]
     few = lambda rows: lambda s: jnp.sum(live_rows(s), dtype=jnp.int32) <= rows  # noqa: E731
@@ -87,10 +98,61 @@ def compacting_loop(segments, state, body, live_rows, compact: bool = True):
         return jax.lax.cond(few(small)(s), lambda s: hand_over(s, small),
                             lambda s: later(n + 1, s[:-1] + (grow_cache(s[-1], segments[n + 1]),)), s)
 
-    def go_on(s):
-        full, part, idx = later(1, s[:-1] + (grow_cache(s[-1], segments[1]),))
-        part, counted = finish(part, small, part[0] * batch)  # one loop per batch size, whatever the segment
-        return _put_back(full, part, idx), counted
+    full, part, idx = later(1, state[:-1] + (grow_cache(state[-1], segments[1]),))
+    part, counted = finish(part, small, part[0] * batch)  # one loop per batch size, whatever the segment
+    return _put_back(full, part, idx), counted
 
-    state = jax.lax.while_loop(lambda s: (s[0] < segments[0]) & ~all_done(s), body, state)
-    return jax.lax.cond(all_done(state), lambda s: (s[:-1], s[0] * batch), go_on, state)
+
+def compacting_loop(segments, state, body, live_rows, compact: bool = True):
+    """Run `body` over `state` until no row is live (`live_rows(state)` -> bool [B]): `first_segment`, then
+    `later_segments` in the same program when a row is still live. Returns (the state without its cache,
+    the row-steps computed)."""
+    batch = jax.tree.leaves(state[1:])[0].shape[0]
+    state = first_segment(segments, state, body, live_rows)
+    return jax.lax.cond(~jnp.any(live_rows(state)), lambda s: (s[:-1], s[0] * batch),
+                        lambda s: later_segments(segments, s, body, live_rows, compact), state)
+
+
+def search_stage(stage: str, segments, start, state, body, live_rows, output, compact: bool = True):
+    """A search as one program (`stage` "all"), or as two, so that a batch that ends within the first
+    segment never compiles the later ones (`Dispatched`): "start" runs `start()`'s state through the first
+    segment -> (that state with its cache, whether no row is live, `output` of it); "rest" runs a "start"
+    `state` to the end -> `output`. `output(state without cache, row_steps)` -> the search's outputs."""
+    if stage == "rest":
+        return output(*later_segments(segments, state, body, live_rows, compact))
+    state = start()
+    if stage == "all":
+        return output(*compacting_loop(segments, state, body, live_rows, compact))
+    state = first_segment(segments, state, body, live_rows)
+    batch = jax.tree.leaves(state[1:])[0].shape[0]
+    return state, ~jnp.any(live_rows(state)), output(state[:-1], state[0] * batch)
+
+
+class Dispatched:
+    """A batch's search with its first segment dispatched (`search_stage` "start"). `later()` waits for that
+    segment and returns None if the search ended there (`out` holds its outputs), else its later segments'
+    outputs, dispatched (the "rest" program is compiled the first time a batch shape needs it). A batch driver
+    keeps several of these in flight and calls `later()` on the oldest, so the device always has work queued."""
+
+    def __init__(self, start, rest, post=lambda out: out):
+        self.state, self.done, out = start()
+        self.out, self._rest, self._post = post(out), rest, post
+
+    def later(self):
+        state, self.state = self.state, None  # the cache is freed once the later segments are dispatched
+        return None if bool(self.done) else self._post(self._rest(state))
+
+    def result(self):
+        """The search's outputs, as the one-program search returns them (after `post`)."""
+        rest = self.later()
+        return self.out if rest is None else rest
+
+
+def dispatch(compiled, args, post, staged: bool):
+    """`compiled(stage=...)` (a search's jitted function per stage) over `args`: as one program -> `post` of
+    its outputs, or with `staged` a `Dispatched` search whose later segments are compiled and run only if the
+    batch reaches them."""
+    if not staged:
+        return post(compiled()(*args))
+    return Dispatched(lambda: compiled(stage="start")(*args), lambda state: compiled(stage="rest")(*args, state=state),
+                      post)

@@ -132,7 +132,9 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
         places = [(params, None)] * len(chunks)
 
     def finish(chunk, found):
-        found = {key: np.asarray(value) for key, value in found.items()}  # tokens [rows, N, L], scores [rows, N]
+        if not isinstance(found, dict):  # greedy's and sampling's tokens [rows, L]
+            found = {"tokens": np.asarray(found)[:, None]}
+        found = {key: np.asarray(found[key]) for key in ("tokens", "scores", "log_probs") if key in found}
         for row, i in enumerate(chunk):
             for n, seq in enumerate(found["tokens"][row].tolist()):
                 score = float(found["scores"][row, n]) if "scores" in found else None
@@ -144,6 +146,17 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
                 outputs[i].append({"tokens": [t for t in seq if t != PAD_ID], "score": score, "log_prob": log_prob})
 
     in_flight: collections.deque = collections.deque()  # searches dispatched, not yet read back
+
+    def settle(chunk, search):
+        """The oldest search in flight: read it back or, once its first segment shows live rows, dispatch its
+        later segments (compiled only for batch shapes that reach them) and queue them behind the others."""
+        if isinstance(search, decode_lib.Dispatched):
+            later = search.later()
+            if later is not None:
+                in_flight.append((chunk, later))
+                return
+            search = search.out
+        finish(chunk, search)
     limit = 2 * devices  # the host prepares the next batches while the devices search
     if mode == "split":
         limit = min(limit, parallel.programs_in_flight(mesh) or limit)  # see parallel.CPU_PROGRAMS_IN_FLIGHT
@@ -172,9 +185,9 @@ def search_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], dec
                                          None if draw is None else {**draw, "keys": keys},
                                          None if grammar is None else {"kinds": grammar, "words": words})))
         if len(in_flight) >= limit:
-            finish(*in_flight.popleft())
+            settle(*in_flight.popleft())
     while in_flight:
-        finish(*in_flight.popleft())
+        settle(*in_flight.popleft())
     unscored = [(i, hyp) for i, hyps in enumerate(outputs) for hyp in hyps if hyp["score"] is None]
     if with_scores and unscored:  # greedy and samples: teacher-forced
         scores = score_ids(model, params, [sources[i] for i, _ in unscored], [h["tokens"] for _, h in unscored],
@@ -234,23 +247,21 @@ def _balanced(chunks: list[list[int]], devices: int) -> list[list[int]]:
     return chunks[:-1] + [last[start:start + size] for start in range(0, len(last), size)]
 
 
-def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None, draw=None, grammar=None) -> dict:
-    """Dispatch one batch's search (greedy for beam_size 1): {"tokens" [rows, N, L], and from beam search
-    "scores" and "log_probs" [rows, N]}, not yet ready."""
+def _search(decode_lib, model, params, src, settings, nbest: int = 1, prefix=None, draw=None, grammar=None):
+    """Dispatch one batch's search (greedy for beam_size 1), staged (`decode_rows.Dispatched`): its outputs
+    are {"tokens" [rows, L] from greedy and sampling, [rows, N, L] from beam search, with "scores" and
+    "log_probs" [rows, N]}."""
     if draw is not None:
-        tokens = decode_lib.sample_search(model, params, src, draw["keys"], kind=draw["kind"], top_k=draw["top_k"],
-                                          top_p=draw["top_p"], temperature=draw["temperature"], prefix=prefix,
-                                          max_extra_len=int(settings["max_extra_len"]), grammar=grammar)
-        return {"tokens": tokens[:, None]}
+        return decode_lib.sample_search(model, params, src, draw["keys"], kind=draw["kind"], top_k=draw["top_k"],
+                                        top_p=draw["top_p"], temperature=draw["temperature"], prefix=prefix,
+                                        max_extra_len=int(settings["max_extra_len"]), grammar=grammar, staged=True)
     if int(settings["beam_size"]) == 1:
-        tokens = decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]),
-                                          prefix=prefix, grammar=grammar)
-        return {"tokens": tokens[:, None]}
-    found = decode_lib.beam_search_nbest(model, params, src, nbest, beam_size=int(settings["beam_size"]),
-                                         alpha=float(settings["length_penalty"]),
-                                         max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"],
-                                         prefix=prefix, grammar=grammar)
-    return {key: found[key] for key in ("tokens", "scores", "log_probs")}
+        return decode_lib.greedy_search(model, params, src, max_extra_len=int(settings["max_extra_len"]),
+                                        prefix=prefix, grammar=grammar, staged=True)
+    return decode_lib.beam_search_nbest(model, params, src, nbest, beam_size=int(settings["beam_size"]),
+                                        alpha=float(settings["length_penalty"]),
+                                        max_extra_len=int(settings["max_extra_len"]), stop=settings["stop"],
+                                        prefix=prefix, grammar=grammar, staged=True)
 
 
 def score_ids(model: Transformer, params, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],

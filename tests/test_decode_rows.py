@@ -129,3 +129,56 @@ def test_the_grammar_state_follows_the_rows_it_belongs_to():
     beam = lambda compact: decode._compiled_beam(cfg, 4, 34, 24, "bound", 1, compact=compact)  # noqa: E731
     compacted, plain = both(beam, {"params": params["params"]}, src, jnp.float32(0.6), None, rules)
     assert_same(compacted, plain, search_segments(34))
+
+
+
+def staged_and_whole(search, traced, **kwargs):
+    """A search's outputs with `staged=True` (through `Dispatched.later`) and as one program, whether the staged
+    one went on past its first segment, and how often it traced `later_segments` (counted in `traced`)."""
+    before = len(traced)
+    dispatched = search(staged=True, **kwargs)
+    later = dispatched.later()
+    staged = jax.tree.map(np.asarray, dispatched.out if later is None else later)
+    traces = len(traced) - before
+    return staged, jax.tree.map(np.asarray, search(**kwargs)), later is not None, traces
+
+
+def assert_equal_outputs(staged, whole):
+    if not isinstance(whole, dict):
+        staged, whole = {"tokens": staged}, {"tokens": whole}
+    assert set(staged) == set(whole)
+    for name in whole:  # two programs against one: scores to float rounding
+        if name in ("scores", "log_probs"):
+            np.testing.assert_allclose(staged[name], whole[name], rtol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(staged[name], whole[name], err_msg=name)
+
+
+def test_staged_searches_compile_the_later_segments_only_for_batches_that_reach_them(random_model, batch,
+                                                                                      monkeypatch):
+    """`staged=True` (what translate runs): the first segment, then the later ones only for a batch with live
+    rows after it. A batch whose rows all stop within the first segment (limits <= 14 in a 30-position
+    buffer) never traces `later_segments`; the batch fixture's rows run on into the second segment and
+    compact. Both give the one-program search's outputs, for beam search, greedy search and sampling."""
+    model, params = random_model
+    traced = []
+    real = decode_rows.later_segments
+    monkeypatch.setattr(decode_rows, "later_segments", lambda *a, **k: traced.append(a[0]) or real(*a, **k))
+    short = jnp.asarray(sources([1, 3, 2, 3] * 8, 20, RANDOM_CFG.vocab_size, seed=11))  # buffer 20 + 10
+    assert search_segments(decode.decode_buffer_len(20, RANDOM_CFG, max_extra_len=10)) == (16, 30)
+    keys = jax.random.split(jax.random.key(5), ROWS)
+    searches = [lambda src, extra, **kw: decode.beam_search_nbest(model, params, src, 2, max_extra_len=extra, **kw),
+                lambda src, extra, **kw: decode.greedy_search(model, params, src, max_extra_len=extra, **kw),
+                lambda src, extra, **kw: decode.sample_search(model, params, src, keys, kind="topk", top_k=5,
+                                                              max_extra_len=extra, **kw)]
+    for search in searches:
+        staged, whole, went_on, traces = staged_and_whole(search, traced, src=short, extra=10)
+        assert not went_on and traces == 0
+        assert_equal_outputs(staged, whole)
+    src, buffer_len, prefix = batch
+    for n, search in enumerate(searches):
+        staged, whole, went_on, traces = staged_and_whole(search, traced, src=src, extra=EXTRA, prefix=prefix)
+        assert went_on and traces == 1  # the "rest" program, once
+        assert_equal_outputs(staged, whole)
+        if n == 0:
+            assert staged["row_steps"] < ROWS * staged["steps"]  # its last rows compacted
