@@ -136,11 +136,13 @@ class Dispatched:
 
     def __init__(self, start, rest, post=lambda out: out):
         self.state, self.done, out = start()
-        self.out, self._rest, self._post = post(out), rest, post
+        self.out, self._rest, self._post, self._later = post(out), rest, post, None
 
     def later(self):
-        state, self.state = self.state, None  # the cache is freed once the later segments are dispatched
-        return None if bool(self.done) else self._post(self._rest(state))
+        if self.state is not None:  # once: the cache is freed when the later segments are dispatched
+            state, self.state = self.state, None
+            self._later = None if bool(self.done) else self._post(self._rest(state))
+        return self._later
 
     def result(self):
         """The search's outputs, as the one-program search returns them (after `post`)."""
