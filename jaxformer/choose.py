@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 
-from jaxformer.config import BEST_METRICS as HIGHER_IS_BETTER
+from jaxformer.config import BEST_METRICS as HIGHER_IS_BETTER, DECODED_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +20,17 @@ log = logging.getLogger(__name__)
 def resolve_metric(train_cfg, parser: bool = False) -> str:
     """train.best_metric, with "auto" as the score of decoded validation sentences when the run decodes them
     (BLEU; a parser's parseval F1), else the NLL. A decoded-sentence metric the model does not produce (BLEU
-    of a parser, F1 of a translator) is a ValueError."""
+    of a parser, F1 of a translator), or bleu_moses_lc without train.valid_tok_refs, is a ValueError."""
     metric = str(train_cfg.get("best_metric", "auto"))
     decoded = "f1" if parser else "bleu"
     if metric == "auto":
         return decoded if int(train_cfg.get("eval_bleu_sentences", 0)) != 0 else "nll"  # -1: all, N: first N
-    if metric in ("bleu", "f1") and metric != decoded:
+    if metric in DECODED_METRICS and (metric == "f1") != parser:
         raise ValueError(f"train.best_metric={metric!r}: a {'parser' if parser else 'translation model'}'s "
                          f"validation scores its decoded sentences by {decoded}, not {metric}")
+    if metric == "bleu_moses_lc" and not train_cfg.get("valid_tok_refs"):
+        raise ValueError("train.best_metric='bleu_moses_lc' needs train.valid_tok_refs (the valid split's "
+                         "lowercased Moses-tokenized references)")
     return metric
 
 

@@ -7,7 +7,7 @@
     jaxformer evaluate --workdir RUN [--average-last K] [--split test] [--config.data.KEY=VALUE ...] [--out DIR]
     jaxformer evaluate --model EXPORT --src test.en --ref test.de --out DIR
                        [--tokenized] [--tok-refs TOKENIZED_REFS] [--compound-split]   (docs/bleu.md)
-    jaxformer evaluate --model RUN --split valid --sweep average_last=1,5,10 length_penalty=0.6,0.8,1.0
+    jaxformer evaluate --model RUN --split valid --sweep average_last=1,5,10 length_penalty=0.6,0.8,1.0 [--tok-refs F]
     jaxformer export --model RUN_OR_EXPORT [--average-last K] --out DIR [--format jaxformer|ctranslate2|marian]
                      [--quantization int8] [--jax-export]
     jaxformer plot-attention --model RUN_OR_EXPORT --sentence "..." [--kind encoder|decoder|cross|all]
@@ -176,12 +176,13 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
     if args.sweep is not None:
         from jaxformer.evaluate import parse_sweep, run_sweep
 
-        if args.tok_refs is not None or args.compound_split:
-            raise ValueError("--sweep scores cased BLEU (tokenized BLEU with --tokenized): drop --tok-refs and "
-                             "--compound-split, and score the chosen settings with them once")
+        if args.compound_split:
+            raise ValueError("--sweep scores cased BLEU (tokenized BLEU with --tokenized, Moses-tokenized "
+                             "lowercased BLEU with --tok-refs): drop --compound-split, and score the chosen "
+                             "settings with it once")
         _, table = run_sweep(args.model, parse_sweep(args.sweep), args.out, split=args.split, src_file=args.src,
                              ref_file=args.ref, data_overrides=data_overrides, limit=args.limit,
-                             tokenize=args.tokenize, tokenized=args.tokenized,
+                             tokenize=args.tokenize, tokenized=args.tokenized, tok_refs=args.tok_refs,
                              decode_overrides=decode_overrides(args), step=args.step,
                              average_last=args.average_last, best=args.best,
                              average_best=args.average_best)
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenized", action="store_true", help="the model writes tokenized text (trained on "
                    "tokenized files): also score tokenized BLEU, output and references as they are (multi-bleu)")
     p.add_argument("--tok-refs", default=None, metavar="FILE", help="lowercased Moses-tokenized references of the "
-                   "test set: also score the raw output lowercased, normalised and Moses-tokenized against them")
+                   "test set: also score the raw output lowercased, normalised and Moses-tokenized against them "
+                   "(with --sweep: score and choose by that)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="score every combination, e.g. --split valid --sweep average_last=1,5,10 "
                         "length_penalty=0.6,0.8,1.0 (or average_best=..., any decode option), print the table "

@@ -9,13 +9,16 @@ translate.py) so that export and translate both use it without importing each ot
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import ml_collections
 
 STOP_RULES = ("bound", "finished")  # decode.stop: beam search's stopping rules (`jaxformer.decode.beam_search`)
 DECODE_PARALLEL = ("auto", "split", "batches")  # decode.parallel: how a search uses several local devices
-BEST_METRICS = {"bleu": True, "f1": True, "loss": False, "nll": False}  # train.best_metric: is higher better? (jaxformer.choose)
+BEST_METRICS = {"bleu": True, "bleu_moses_lc": True, "f1": True, "loss": False,  # train.best_metric: is higher
+                "nll": False}  # better? (jaxformer.choose)
+DECODED_METRICS = ("bleu", "bleu_moses_lc", "f1")  # best_metric values that need decoded validation sentences
 ALL_SENTENCES = -1  # train.eval_bleu_sentences: decode every validation pair
 
 
@@ -117,13 +120,17 @@ def default_config() -> ml_collections.ConfigDict:
     #                                 eval_share: of the run's time so far): keep that share at or below 0.1
     #                                 by eval_every, or else a smaller N
     t.bleu_tokenize = "13a"         # sacreBLEU tokenizer of the validation BLEU; "char" where a sentence is one word
+    t.valid_tok_refs = ""           # lowercased Moses-tokenized references, one per valid pair (e.g. ../shared/data/
+    #                                 multi30k/tok/val.lc.norm.tok.de): validation also scores bleu_moses_lc
+    #                                 (jaxformer.bleu.moses_lc_bleu); "": off
     t.checkpoint_every_steps = 1000
     t.checkpoint_every_minutes = 0.0  # 0: by steps only
     t.keep_checkpoints = 5
     t.average_last = 5              # checkpoints averaged for the final model (paper: 5 base, 20 big)
-    t.best_metric = "auto"          # the validation metric that chooses the best step: "bleu" or a parser's "f1"
-    #                                 (higher is better), "loss" or "nll" (lower); "auto": bleu (a parser: f1)
-    #                                 when eval_bleu_sentences is not 0, else nll
+    t.best_metric = "auto"          # the validation metric that chooses the best step: "bleu", "bleu_moses_lc"
+    #                                 (needs valid_tok_refs) or a parser's "f1" (higher is better), "loss" or
+    #                                 "nll" (lower); "auto": bleu (a parser: f1) when eval_bleu_sentences is not
+    #                                 0, else nll
     t.keep_best = 0                 # the K best checkpoints by best_metric, kept besides the last ones (every
     #                                 validation then saves a checkpoint); they give --best / --average-best
     t.early_stopping_patience = 0   # stop after this many validations without improvement; 0: never
@@ -205,9 +212,15 @@ def check_train_config(train_cfg) -> None:
          f"cannot average more checkpoints than are kept (train.keep_checkpoints={t.keep_checkpoints})")
     need(t.best_metric == "auto" or t.best_metric in BEST_METRICS, "best_metric",
          f"must be auto, {', '.join(BEST_METRICS)}")
-    need(t.best_metric not in ("bleu", "f1") or t.eval_bleu_sentences != 0, "best_metric",
+    need(t.best_metric not in DECODED_METRICS or t.eval_bleu_sentences != 0, "best_metric",
          f"needs validation BLEU (a parser: F1) of decoded sentences: set train.eval_bleu_sentences to "
          f"{ALL_SENTENCES} (all) or N > 0, or choose by loss or nll")
+    tok_refs = str(t.get("valid_tok_refs", "") or "")
+    need(not tok_refs or os.path.isfile(tok_refs), "valid_tok_refs",
+         "no such file (give the valid split's lowercased Moses-tokenized references, e.g. "
+         "../shared/data/multi30k/tok/val.lc.norm.tok.de)")
+    need(t.best_metric != "bleu_moses_lc" or bool(tok_refs), "best_metric",
+         "needs train.valid_tok_refs (the valid split's lowercased Moses-tokenized references)")
     need(t.keep_best >= 0, "keep_best", "must be >= 0 (0: keep only the last checkpoints)")
     need(t.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0 (0: never stop early)")
     need(t.early_stopping_patience == 0 or t.eval_every > 0, "early_stopping_patience",

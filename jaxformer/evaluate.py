@@ -121,15 +121,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     from jaxformer.data import is_parser
     from jaxformer.io import load
 
-    if tokenized and tok_refs is not None:
-        raise ValueError("--tok-refs scores raw-text output, which it tokenizes; with --tokenized the output is "
-                         "already tokenized: its tokenized BLEU is the comparable number, so drop --tok-refs")
-    tokenized_references = None
-    if tok_refs is not None:  # a bad path fails before decoding
-        if not os.path.isfile(tok_refs):
-            raise ValueError(f"--tok-refs {tok_refs}: no such file (give the lowercased Moses-tokenized references, "
-                             "e.g. ../shared/data/multi30k/tok/test2016.lc.norm.tok.de)")
-        tokenized_references = read_lines(tok_refs)
+    tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
     model_path = pathlib.Path(model_path)
     translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
     config = translator.config if translator.config is not None else default_config()
@@ -142,13 +134,7 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     if tokenize is None:
         tokenize = config.train.get("bleu_tokenize") or None
     sources, references, origin, name = _test_set(config, split, src_file, ref_file, data_overrides, limit)
-    if tokenized_references is not None:
-        if limit is not None:
-            tokenized_references = tokenized_references[:limit]
-        if len(tokenized_references) != len(sources):
-            raise ValueError(f"--tok-refs {tok_refs} has {len(tokenized_references)} lines but the test set "
-                             f"({origin}) has {len(sources)}{' (with --limit)' if limit is not None else ''}; "
-                             "give the tokenized references of the same test set")
+    tokenized_references = _fit_tok_refs(tokenized_references, tok_refs, len(sources), origin, limit)
     bad = count_bad_lines(sources, references)
     if any(bad.values()):
         log.warning("%s: %d of %d lines have an empty side and %d a U+FFFD (undecodable bytes); all are scored "
@@ -182,6 +168,32 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     log.info("%s (lowercased: %.2f) on %d sentences of %s%s; files in %s", result.text, result.lowercased.score,
              len(sources), origin, f", checkpoint steps {steps}" if steps else "", out)
     return result
+
+
+def _read_tok_refs(tok_refs: str | None, tokenized: bool) -> list[str] | None:
+    """The lines of --tok-refs (None without it); one-line errors for a missing file and for --tokenized."""
+    if tok_refs is None:
+        return None
+    if tokenized:
+        raise ValueError("--tok-refs scores raw-text output, which it tokenizes; with --tokenized the output is "
+                         "already tokenized: its tokenized BLEU is the comparable number, so drop --tok-refs")
+    if not os.path.isfile(tok_refs):
+        raise ValueError(f"--tok-refs {tok_refs}: no such file (give the lowercased Moses-tokenized references, "
+                         "e.g. ../shared/data/multi30k/tok/test2016.lc.norm.tok.de)")
+    return read_lines(tok_refs)
+
+
+def _fit_tok_refs(lines: list[str] | None, tok_refs: str | None, count: int, origin: str,
+                  limit: int | None) -> list[str] | None:
+    """`lines` (the first `limit`), refused in one line unless there is one per sentence of the test set."""
+    if lines is None:
+        return None
+    lines = lines[:limit] if limit is not None else lines
+    if len(lines) != count:
+        raise ValueError(f"--tok-refs {tok_refs} has {len(lines)} lines but the test set ({origin}) has "
+                         f"{count}{' (with --limit)' if limit is not None else ''}; "
+                         "give the tokenized references of the same test set")
+    return lines
 
 
 @dataclasses.dataclass
@@ -278,13 +290,14 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
 def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: str | os.PathLike | None = None, *,
               split: str = "valid", src_file: str | None = None, ref_file: str | None = None,
               data_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
-              tokenize: str | None = None, tokenized: bool = False, decode_overrides: Mapping[str, Any] | None = None,
-              **choice) -> tuple[list[dict], str]:
+              tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
+              decode_overrides: Mapping[str, Any] | None = None, **choice) -> tuple[list[dict], str]:
     """Score every combination of `grid` (`parse_sweep`) on one split (choose on valid, score test once):
     (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
-    to `out_dir/sweep.json`. The score is cased sacreBLEU, or with `tokenized` tokenized BLEU (a parser:
-    parseval F1, in `f1`). `choice`
-    (step, average_last, best, average_best) picks the checkpoints when the grid does not."""
+    to `out_dir/sweep.json`. The score is cased sacreBLEU, with `tokenized` tokenized BLEU, with `tok_refs`
+    Moses-tokenized lowercased BLEU against that file (`moses_lc_bleu`, in `bleu_moses_lc`); a parser's is
+    parseval F1, in `f1`. `choice` (step, average_last, best, average_best) picks the checkpoints when the grid
+    does not."""
     import itertools
 
     from jaxformer.bleu import tokenized_bleu
@@ -297,6 +310,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
         raise ValueError(f"--sweep {swept[0]}=... chooses the checkpoints: drop --step/--average-last/--best/"
                          f"--average-best")
     decode_keys = [k for k in grid if k not in SWEEP_CHECKPOINTS]
+    tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
     rows, test_set = [], None
     for values in itertools.product(*(grid[k] for k in swept)):
         chosen = dict(zip(swept, values)) or dict(choice)
@@ -306,6 +320,10 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
             test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
             if tokenize is None:
                 tokenize = config.train.get("bleu_tokenize") or None
+            if tokenized_references is not None and is_parser(translator.tokenizer):
+                raise ValueError("--tok-refs scores translations; a parser's sweep scores parseval F1: drop it")
+            tokenized_references = _fit_tok_refs(tokenized_references, tok_refs, len(test_set[0]), test_set[2],
+                                                 limit)
         sources, references, origin, name = test_set
         for settings in itertools.product(*(grid[k] for k in decode_keys)):
             decode = dict(zip(decode_keys, settings))
@@ -315,18 +333,24 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
                 metric, score = "f1", _parser_f1(translator, sources, references, origin, **settings)
             else:
                 hypotheses = translator.translate(sources, **settings)
-                metric, score = "bleu", (tokenized_bleu(hypotheses, references) if tokenized
-                                         else bleu_scores(hypotheses, references, tokenize=tokenize)).score
+                if tokenized_references is not None:
+                    metric, score = "bleu_moses_lc", moses_lc_bleu(hypotheses, tokenized_references,
+                                                                   config.data.tgt_lang).score
+                else:
+                    metric, score = "bleu", (tokenized_bleu(hypotheses, references) if tokenized
+                                             else bleu_scores(hypotheses, references, tokenize=tokenize)).score
             rows.append({**row, metric: score, "checkpoint_steps": translator.checkpoint_steps})
             log.info("sweep %s: %s %.2f", row, metric, score)
     best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
     lines = ["  ".join(f"{k:>14}" for k in [*keys, metric])]
     lines += ["  ".join([*(f"{r[k]!s:>14}" for k in keys), f"{r[metric]:>14.2f}"]) for r in rows]
-    what = "parseval F1" if metric == "f1" else "tokenized BLEU" if tokenized else "BLEU"
+    what = ("parseval F1" if metric == "f1" else "Moses-tokenized lowercased BLEU" if metric == "bleu_moses_lc"
+            else "tokenized BLEU" if tokenized else "BLEU")
     lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys)} ({what} {best[metric]:.2f} on {origin})")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best},
+    (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best,
+                                                **({"tok_refs": str(tok_refs)} if tok_refs else {})},
                                                indent=2) + "\n")
     return rows, "\n".join(lines) + "\n"

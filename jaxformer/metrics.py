@@ -133,8 +133,8 @@ class MetricsLog:
 
 def fmt(values: dict) -> str:
     parts = []
-    for key in ("loss", "nll", "ppl", "accuracy", "bleu", "bleu_lowercase", "exact_match", "lr", "grad_norm",
-                "tokens_per_sec", "eval_sentences", "eval_seconds", "eval_share"):
+    for key in ("loss", "nll", "ppl", "accuracy", "bleu", "bleu_lowercase", "bleu_moses_lc", "exact_match", "lr",
+                "grad_norm", "tokens_per_sec", "eval_sentences", "eval_seconds", "eval_share"):
         if key in values:
             value = values[key]
             if key == "eval_share":

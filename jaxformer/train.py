@@ -35,7 +35,7 @@ from jaxformer.optim import learning_rate_schedule
 from jaxformer.preemption import Preempted, StopSignals
 from jaxformer.run_config import resume_legacy_model, save_run_config
 from jaxformer.steps import Steps, TrainState, evaluate_loss, summarize
-from jaxformer.validation import bleu_pairs, evaluate_bleu
+from jaxformer.validation import bleu_pairs, evaluate_bleu, tok_references
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class _Trainer:
         self.store = ckpt.CheckpointStore(workdir / ckpt.CHECKPOINT_DIR, keep=self.t.keep_checkpoints,
                                           keep_best=int(self.t.keep_best), async_save=self.t.async_checkpointing)
         self._valid_batches = None
-        self._bleu_pairs = None
+        self._bleu_pairs, self.tok_refs = None, None
 
     # -- data
 
@@ -137,6 +137,7 @@ class _Trainer:
     def bleu_pairs(self) -> list:
         if self._bleu_pairs is None:
             self._bleu_pairs = bleu_pairs(self.config)
+            self.tok_refs = tok_references(self.config, self._bleu_pairs)  # train.valid_tok_refs, or None
         return self._bleu_pairs
 
     # -- pieces of the loop
@@ -147,7 +148,8 @@ class _Trainer:
         pairs = self.bleu_pairs()
         if pairs:
             scores, hypotheses = evaluate_bleu(self.model, params, self.tokenizer, pairs, self.config.decode,
-                                               tokenize=self.t.bleu_tokenize)
+                                               tokenize=self.t.bleu_tokenize, tok_refs=self.tok_refs,
+                                               lang=self.config.data.tgt_lang)
             result.update(scores, eval_sentences=len(pairs))
             log.info("sample: %r -> %r (reference %r)", pairs[0][0], hypotheses[0], pairs[0][1])
         return result
@@ -176,6 +178,8 @@ class _Trainer:
         from tqdm import tqdm
 
         t, steps = self.t, self.steps
+        if t.get("valid_tok_refs"):
+            self.bleu_pairs()  # a tok refs file that does not fit the valid split fails now, not mid-training
         source = self.train_batches()
         target = steps.abstract_state()
         restored = self.store.restore_latest(params_like=target.params, opt_state_like=target.opt_state)
@@ -328,9 +332,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Train as `config` says, resuming from `config.train.workdir` when it holds checkpoints.
 
     Returns the final metrics: step, the last training window's (train_*), validation (valid_*: loss,
-    nll, ppl, accuracy, bleu, bleu_lowercase) and, with train.average_last > 1, those of the averaged
-    checkpoints (valid_avg_*); seconds, and of them eval_seconds validating (eval_share). Raises TrainingError
-    on a non-finite loss, ValueError / DataError on bad config or data,
+    nll, ppl, accuracy, bleu, bleu_lowercase, with train.valid_tok_refs bleu_moses_lc) and, with
+    train.average_last > 1, those of the averaged checkpoints (valid_avg_*); seconds, and of them eval_seconds
+    validating (eval_share). Raises TrainingError on a non-finite loss, ValueError / DataError on bad config or data,
     CheckpointError when no checkpoint of the workdir restores, DistributedError when the processes of a
     multi-host run cannot reach each other, and `Preempted` after SIGTERM/SIGINT stopped it (a checkpoint
     of the step it stopped after is written; calling it again resumes there).

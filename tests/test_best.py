@@ -95,7 +95,7 @@ def test_auto_metric_is_f1_for_a_parser_and_a_metric_the_model_does_not_produce_
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("best_metric", "accuracy", r"train.best_metric='accuracy': must be auto, bleu, f1, loss, nll$"),
+    ("best_metric", "accuracy", r"train.best_metric='accuracy': must be auto, bleu, bleu_moses_lc, f1, loss, nll$"),
     ("keep_best", -1, r"train.keep_best=-1: must be >= 0"),
     ("early_stopping_patience", -2, r"train.early_stopping_patience=-2: must be >= 0"),
 ])
