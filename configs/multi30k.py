@@ -24,6 +24,14 @@ steps: 60 × 0.922 s / 1.4 s = 39.5 min gave 2,700 steps (0.85 s/step at 2,300, 
 seed (train.seed=1) scored val 39.28 and test2016 39.37 cased / 39.76 lowercased; its 2,300-step average,
 this config's earlier train.steps, had scored val 38.72 and test2016 37.58 / 37.99.
 On an accelerator, raise data.tokens_per_batch and the steps.
+
+The raw-text goal's own metric (Moses-tokenized lowercased BLEU against the official tokenized references,
+docs/bleu.md) can score every validation and choose the best step, with the files source:
+    --config.train.valid_tok_refs=../shared/data/multi30k/tok/val.lc.norm.tok.de
+    --config.train.best_metric=bleu_moses_lc
+then `jaxformer evaluate --workdir RUN --split valid --sweep ... --tok-refs
+../shared/data/multi30k/tok/val.lc.norm.tok.de` chooses the window and length penalty by it, and
+`--split test --tok-refs .../test2016.lc.norm.tok.de` scores test once.
 """
 
 from jaxformer.config import default_config
