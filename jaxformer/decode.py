@@ -233,8 +233,8 @@ def greedy_search(model, params, src, *, max_len: int | None = None, max_extra_l
     src = jnp.asarray(src, jnp.int32)
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     return dispatch(functools.partial(_compiled_greedy, cfg, buffer_len, int(max_extra_len)),
-                     (_variables(params), src, as_prefix(prefix), None, as_grammar(grammar)),
-                     lambda out: out["tokens"], staged)
+                    (_variables(params), src, as_prefix(prefix), None, as_grammar(grammar)),
+                    lambda out: out["tokens"], staged)
 
 
 def sample_search(model, params, src, keys, *, kind: str = "full", temperature: float = 1.0, top_k: int = 0,
@@ -258,7 +258,7 @@ def sample_search(model, params, src, keys, *, kind: str = "full", temperature: 
                            int(top_k) if kind == "topk" else 0)
     sampling = {"keys": keys, "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p)}
     return dispatch(fn, (_variables(params), src, as_prefix(prefix), sampling, as_grammar(grammar)),
-                     lambda out: out["tokens"], staged)
+                    lambda out: out["tokens"], staged)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -408,7 +408,7 @@ def beam_search_nbest(model, params, src, nbest: int, *, beam_size: int = 4, alp
     buffer_len = decode_buffer_len(src.shape[1], cfg, max_len=max_len, max_extra_len=max_extra_len)
     fn = functools.partial(_compiled_beam, cfg, int(beam_size), buffer_len, int(max_extra_len), stop, int(nbest))
     return dispatch(fn, (_variables(params), src, jnp.float32(alpha), as_prefix(prefix), as_grammar(grammar)),
-                     lambda out: out, staged)
+                    lambda out: out, staged)
 
 
 # ----------------------------------------------------------------------------- scoring
