@@ -31,6 +31,16 @@ COMPACT_TO = 4  # the live rows go on alone once they are at most 1/COMPACT_TO o
 MIN_ROWS = 4  # ... and only while that smaller batch still has at least this many rows
 
 
+def _batch(state):
+    """The rows of a loop state: axis 0 of its first array after the step."""
+    return jax.tree.leaves(state[1:])[0].shape[0]
+
+
+def _ended(state):
+    """A loop that stops at `state`: (the state without its cache, the row-steps so far: steps x rows)."""
+    return state[:-1], state[0] * _batch(state)
+
+
 def _smaller(rows) -> int:
     """The batch the live rows of a `rows`-row batch go on in: 1/COMPACT_TO the size, or 0 (none) below
     MIN_ROWS rows or for a symbolic batch (jax.export)."""
@@ -58,11 +68,11 @@ def later_segments(segments, state, body, live_rows, compact: bool = True):
     segments, and with `compact` the few live rows of a long search finishing in smaller batches (module
     doc). Returns (the state without its cache, the row-steps computed: steps x rows of every loop, the first
     step's rows included)."""
-    batch = jax.tree.leaves(state[1:])[0].shape[0]
+    batch = _batch(state)
     small = _smaller(batch)
     all_done = lambda s: ~jnp.any(live_rows(s))  # noqa: E731
     if len(segments) < 2:
-        return state[:-1], state[0] * batch
+        return _ended(state)
     if not compact or not small:
         out = segmented_loop(segments[1:], state[:-1] + (grow_cache(state[-1], segments[1]),), body, all_done)
         return out, out[0] * batch
@@ -107,9 +117,8 @@ def compacting_loop(segments, state, body, live_rows, compact: bool = True):
     """Run `body` over `state` until no row is live (`live_rows(state)` -> bool [B]): `first_segment`, then
     `later_segments` in the same program when a row is still live. Returns (the state without its cache,
     the row-steps computed)."""
-    batch = jax.tree.leaves(state[1:])[0].shape[0]
     state = first_segment(segments, state, body, live_rows)
-    return jax.lax.cond(~jnp.any(live_rows(state)), lambda s: (s[:-1], s[0] * batch),
+    return jax.lax.cond(~jnp.any(live_rows(state)), _ended,
                         lambda s: later_segments(segments, s, body, live_rows, compact), state)
 
 
@@ -124,8 +133,7 @@ def search_stage(stage: str, segments, start, state, body, live_rows, output, co
     if stage == "all":
         return output(*compacting_loop(segments, state, body, live_rows, compact))
     state = first_segment(segments, state, body, live_rows)
-    batch = jax.tree.leaves(state[1:])[0].shape[0]
-    return state, ~jnp.any(live_rows(state)), output(state[:-1], state[0] * batch)
+    return state, ~jnp.any(live_rows(state)), output(*_ended(state))
 
 
 class Dispatched:

@@ -32,6 +32,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from jaxformer.bleu import BleuResult, bleu_scores, compound_split_bleu, corpus_bleu, moses_lc_bleu, tokenized_bleu
+from jaxformer.lines import read_lines  # evaluate.read_lines too (its __all__)
 
 # (the first three live in jaxformer.bleu; kept here for existing callers)
 __all__ = ["corpus_bleu", "bleu_scores", "BleuResult", "evaluate_texts", "run_evaluation", "read_lines",
@@ -47,12 +48,6 @@ def evaluate_texts(translator, sources: Sequence[str], references: Sequence[str]
         raise ValueError(f"{len(sources)} sources but {len(references)} references")
     hypotheses = translator.translate(list(sources), **decode_overrides)
     return bleu_scores(hypotheses, references, tokenize=tokenize)
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """One sentence per line (trailing newline stripped, nothing else); undecodable bytes read as U+FFFD."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [line.rstrip("\r\n") for line in f]
 
 
 def read_test_lines(data_cfg, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:

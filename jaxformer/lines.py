@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 
-__all__ = ["input_batches", "stream_fd", "progress", "lines_as_they_come", "chunks", "count_lines"]
+__all__ = ["input_batches", "stream_fd", "progress", "lines_as_they_come", "chunks", "count_lines", "read_lines"]
 
 
 def input_batches(stack: contextlib.ExitStack, path: str, batch_size: int, quiet: bool = False):
@@ -81,3 +81,9 @@ def chunks(lines, size: int):
 def count_lines(path: str) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """One sentence per line (trailing newline stripped, nothing else); undecodable bytes read as U+FFFD."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip("\r\n") for line in f]

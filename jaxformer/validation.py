@@ -55,14 +55,14 @@ def tok_references(config: ml_collections.ConfigDict, pairs: list[tuple[str, str
     """The lines of train.valid_tok_refs for `pairs` (the first len(pairs)), or None when it is not set. The
     file must hold one line per pair of the valid split (as `read_pairs` reads it): a one-line ValueError if not."""
     from jaxformer.data import read_pairs
+    from jaxformer.lines import read_lines
 
     path = str(config.train.get("valid_tok_refs", "") or "")
     if not path:
         return None
     if not os.path.isfile(path):
         raise ValueError(f"train.valid_tok_refs={path!r}: no such file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line.rstrip("\r\n") for line in f]
+    lines = read_lines(path)
     whole = int(config.train.eval_bleu_sentences) == ALL_SENTENCES
     total = len(pairs) if whole else len(read_pairs(config.data, "valid"))
     if len(lines) != total:
