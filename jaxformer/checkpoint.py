@@ -23,7 +23,8 @@ does not restore (missing or damaged files) is reported, moved aside, and the pr
 
 Averaging the last K checkpoints (Section 6.1: 5 for base, 20 for big) is `load_averaged(average_last=K)`;
 from the shell: `python -m jaxformer.checkpoint average --workdir W --last K --out DIR`. `best=K`: the K best
-by validation (`jaxformer.choose`), which rotation spares with train.keep_best >= K.
+by validation (`jaxformer.choose`), which rotation spares with train.keep_best >= K; `from_best=K`: the best
+and the K - 1 kept after it.
 """
 
 from __future__ import annotations
@@ -299,18 +300,21 @@ def average_checkpoints(params_list: Iterable[Any]) -> Any:
 
 
 def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1,
-                  allow_fewer: bool = False, best: int = 0) -> tuple[Any, list[int]]:
+                  allow_fewer: bool = False, best: int = 0, from_best: int = 0) -> tuple[Any, list[int]]:
     """The run's parameters ({"params": ...}, float32) at `step` (default: the newest that restores),
     averaged over the `average_last` newest readable checkpoints up to it (Section 6.1), and the steps
     averaged (ascending). Unreadable checkpoints are logged and skipped. With `best` = K: the K best
-    checkpoints by the run's validation metric instead (train.best_metric, kept by train.keep_best).
+    checkpoints by the run's validation metric instead (train.best_metric, kept by train.keep_best). With
+    `from_best` = K: the best checkpoint and the K - 1 kept after it (what a run stopped by patience and
+    averaged over its last epochs holds, as fairseq's recipes do).
 
     With `allow_fewer`, a run that kept fewer readable checkpoints than `average_last` averages those it
     has (with a warning) instead of failing: what a default should do; an explicit request fails.
     """
-    if best and (step is not None or average_last != 1):
-        raise ValueError("the best checkpoints are chosen by validation, not by step or recency: give best alone")
-    if (average_last := best or average_last) < 1:
+    if (best or from_best) and (step is not None or average_last != 1 or (best and from_best)):
+        raise ValueError("the best checkpoints are chosen by validation, not by step or recency: give best or "
+                         "from_best alone")
+    if (average_last := best or from_best or average_last) < 1:
         raise ValueError(f"average_last must be >= 1, got {average_last}")
     directory = pathlib.Path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -323,7 +327,14 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
                 raise CheckpointError(f"no checkpoint for step {step} in {directory}; kept steps: {steps}")
             steps = [s for s in steps if s <= step]
         mean, used, skipped = _RunningMean(), [], []
-        for s in (best_first(store.choice(), steps, best, workdir) if best else reversed(steps)):
+        if best:
+            order = best_first(store.choice(), steps, best, workdir)
+        elif from_best:
+            [first] = best_first(store.choice(), steps, 1, workdir)
+            order = [s for s in steps if s >= first]
+        else:
+            order = list(reversed(steps))
+        for s in order:
             if len(used) == average_last:
                 break
             try:
@@ -336,6 +347,11 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
     used.sort()
     unreadable = f" ({len(skipped)} unreadable: {skipped})" if skipped else ""
     if len(used) < average_last:
+        if from_best:
+            raise CheckpointError(f"{directory} keeps {len(used)} readable checkpoint(s) from its best (step "
+                                  f"{order[0]}) on{unreadable}, fewer than the {average_last} asked for; lower "
+                                  f"--average-from-best, or train on past the best keeping more "
+                                  f"(train.keep_checkpoints)")
         if not (allow_fewer and used):
             raise CheckpointError(f"{directory} has {len(used)} readable checkpoint(s){unreadable}, fewer than the "
                                   f"{average_last} asked for; lower average_last, train longer, or keep more "

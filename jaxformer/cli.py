@@ -185,12 +185,13 @@ def _cmd_evaluate(args, extra: list[str]) -> int:
                              tokenize=args.tokenize, tokenized=args.tokenized, tok_refs=args.tok_refs,
                              decode_overrides=decode_overrides(args), step=args.step,
                              average_last=args.average_last, best=args.best,
-                             average_best=args.average_best)
+                             average_best=args.average_best, average_from_best=args.average_from_best)
         print(table, end="")
         return 0
     result = run_evaluation(args.model, args.out, split=args.split, src_file=args.src, ref_file=args.ref,
                             average_last=args.average_last, step=args.step, best=args.best,
-                            average_best=args.average_best, data_overrides=data_overrides,
+                            average_best=args.average_best, average_from_best=args.average_from_best,
+                            data_overrides=data_overrides,
                             decode_overrides=decode_overrides(args), limit=args.limit, tokenize=args.tokenize,
                             tokenized=args.tokenized, tok_refs=args.tok_refs, compound_split=args.compound_split,
                             grammar=not args.no_grammar)
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --sweep: score and choose by that)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="score every combination, e.g. --split valid --sweep average_last=1,5,10 "
-                        "length_penalty=0.6,0.8,1.0 (or average_best=..., any decode option), print the table "
+                        "length_penalty=0.6,0.8,1.0 (or average_best=..., average_from_best=..., any decode option), print the table "
                         "and the best; writes sweep.json")
     p.add_argument("--no-grammar", action="store_true", help="a parser (scored by parseval): search without the "
                    "grammar mask; ill-formed trees are repaired (jaxformer.parsing.repair) and counted")

@@ -33,6 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="use the run's best checkpoint by validation (train.best_metric; needs train.keep_best)")
     p.add_argument("--average-best", type=int, default=None, metavar="K",
                    help="average the run's K best checkpoints by validation (needs train.keep_best >= K)")
+    p.add_argument("--average-from-best", type=int, default=None, metavar="K",
+                   help="average the run's best checkpoint by validation and the K-1 kept after it (needs "
+                        "train.keep_best >= 1 and those checkpoints kept)")
 
 
 def load_model(args):
@@ -40,7 +43,7 @@ def load_model(args):
     from jaxformer.io import load
 
     return load(args.model, step=args.step, average_last=args.average_last, best=args.best,
-                average_best=args.average_best)
+                average_best=args.average_best, average_from_best=args.average_from_best)
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:

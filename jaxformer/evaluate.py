@@ -96,14 +96,15 @@ def _test_set(config, split: str, src_file: str | None, ref_file: str | None,
 def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, split: str = "test",
                    src_file: str | None = None, ref_file: str | None = None, average_last: int | None = None,
                    step: int | None = None, best: bool = False, average_best: int | None = None,
-                   data_overrides: Mapping[str, Any] | None = None,
+                   average_from_best: int | None = None, data_overrides: Mapping[str, Any] | None = None,
                    decode_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
                    tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
                    compound_split: bool = False, lang: str | None = None, grammar: bool = True):
     """Translate a test set and write `out_dir/{split}.hyp` (one line per source), `bleu.json` and `bleu.txt`.
 
     A workdir is evaluated as the average of its last `train.average_last` checkpoints unless `average_last`
-    or `step` says otherwise, or `best` (its best checkpoint by validation) / `average_best` (its K best).
+    or `step` says otherwise, or `best` (its best checkpoint by validation) / `average_best` (its K best) /
+    `average_from_best` (its best and the K - 1 kept after it).
     Every line is scored (see the module docstring). Without `tokenize`, sacreBLEU's tokenizer is the run's
     `train.bleu_tokenize` (default 13a). Beside the cased and lowercased scores: `tokenized` (the model
     writes tokenized text, e.g. trained on Multi30k's tok/ files) adds tokenized BLEU against the references
@@ -118,7 +119,8 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
 
     tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
     model_path = pathlib.Path(model_path)
-    translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best)
+    translator = load(model_path, step=step, average_last=average_last, best=best, average_best=average_best,
+                      average_from_best=average_from_best)
     config = translator.config if translator.config is not None else default_config()
     if is_parser(translator.tokenizer):
         test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
@@ -153,7 +155,8 @@ def run_evaluation(model_path: str | os.PathLike, out_dir: str | os.PathLike | N
     steps = translator.checkpoint_steps
     count = 1 if best else average_best  # the checkpoints chosen by validation, if any
     info = {**result.to_json(), "model": str(model_path), "checkpoint_steps": steps,
-            "average_last": len(steps) if steps and not count else None, "average_best": count or None,
+            "average_last": len(steps) if steps and not (count or average_from_best) else None,
+            "average_best": count or None, "average_from_best": average_from_best,
             "step": step, "test_set": origin,
             **({"tok_refs": str(tok_refs)} if tok_refs is not None else {}),
             "empty_lines": bad["empty"], "bad_utf8_lines": bad["bad_utf8"], "decode": settings,
@@ -254,7 +257,7 @@ def _parser_f1(translator, sources: Sequence[str], references: Sequence[str], or
 
 
 # A sweep's checkpoint choices (one of them per sweep); every other key is a decode option.
-SWEEP_CHECKPOINTS = ("average_last", "average_best")
+SWEEP_CHECKPOINTS = ("average_last", "average_best", "average_from_best")
 _NOT_SWEPT = ("batch_size", "parallel")  # decode options that change the speed, not the output
 
 
@@ -278,7 +281,7 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
         except ValueError:
             raise ValueError(f"--sweep {key}={text}: expected {kind.__name__} values") from None
     if len([k for k in grid if k in SWEEP_CHECKPOINTS]) > 1:
-        raise ValueError("--sweep: average_last and average_best are two ways to choose checkpoints; sweep one")
+        raise ValueError(f"--sweep: {', '.join(SWEEP_CHECKPOINTS)} are ways to choose checkpoints; sweep one")
     return grid
 
 
@@ -291,7 +294,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
     to `out_dir/sweep.json`. The score is cased sacreBLEU, with `tokenized` tokenized BLEU, with `tok_refs`
     Moses-tokenized lowercased BLEU against that file (`moses_lc_bleu`, in `bleu_moses_lc`); a parser's is
-    parseval F1, in `f1`. `choice` (step, average_last, best, average_best) picks the checkpoints when the grid
+    parseval F1, in `f1`. `choice` (step, average_last, best, average_best, average_from_best) picks the checkpoints when the grid
     does not."""
     import itertools
 
@@ -303,7 +306,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     swept = [k for k in grid if k in SWEEP_CHECKPOINTS]
     if swept and any(v not in (None, False) for v in choice.values()):
         raise ValueError(f"--sweep {swept[0]}=... chooses the checkpoints: drop --step/--average-last/--best/"
-                         f"--average-best")
+                         f"--average-best/--average-from-best")
     decode_keys = [k for k in grid if k not in SWEEP_CHECKPOINTS]
     tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
     rows, test_set = [], None

@@ -1,4 +1,5 @@
-"""Choosing the model by validation: the best step, early stopping, keep_best, --best / --average-best."""
+"""Choosing the model by validation: the best step, early stopping, keep_best, --best / --average-best /
+--average-from-best."""
 
 from __future__ import annotations
 
@@ -184,8 +185,34 @@ def test_best_and_average_best_load_the_right_steps(tmp_path):
     with pytest.raises(ValueError, match=r"keeps 3 of the 4 best checkpoints by validation bleu asked for \(8 "
                                          r"validations\); lower --average-best or train with train.keep_best >= 4"):
         ckpt.load_averaged(tmp_path, best=4)
-    with pytest.raises(ValueError, match="give best alone"):
+    with pytest.raises(ValueError, match="give best or from_best alone"):
         ckpt.load_averaged(tmp_path, best=2, average_last=3)
+
+
+def test_average_from_best_loads_the_best_and_the_checkpoints_after_it(tmp_path):
+    store = ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, keep=5, keep_best=1, async_save=False)
+    choice = Choice(metric="bleu")
+    for step in range(1, 9):
+        choice.update(step, BLEU[step])
+        save(store, step, choice)
+    assert store.steps == [2, 4, 5, 6, 7, 8]  # last 5: 4-8; the best: 2 (9.0); 3 was rotated away
+    store.close()
+    assert ckpt.load_averaged(tmp_path, from_best=1)[1] == [2]
+    params, steps = ckpt.load_averaged(tmp_path, from_best=3)
+    assert steps == [2, 4, 5] and kernel((params, steps)) == pytest.approx(11.0 / 3)  # the kept ones after 2
+    assert ckpt.load_averaged(tmp_path, from_best=6)[1] == [2, 4, 5, 6, 7, 8]
+    with pytest.raises(ckpt.CheckpointError, match=r"keeps 6 readable checkpoint\(s\) from its best \(step 2\) "
+                                                   r"on, fewer than the 7 asked for; lower --average-from-best"):
+        ckpt.load_averaged(tmp_path, from_best=7)
+    with pytest.raises(ValueError, match="give best or from_best alone"):
+        ckpt.load_averaged(tmp_path, from_best=2, step=8)
+    # A run whose best was rotated away says so, as --best does.
+    plain = ckpt.CheckpointStore(tmp_path / "plain" / ckpt.CHECKPOINT_DIR, keep=2, async_save=False)
+    for step in range(1, 5):
+        save(plain, step, choice)
+    plain.close()
+    with pytest.raises(ValueError, match=r"recorded no best checkpoint \(its best, step 2, was not kept\)"):
+        ckpt.load_averaged(tmp_path / "plain", from_best=2)
 
 
 def test_a_run_that_kept_no_best_says_so(tmp_path):
@@ -208,13 +235,20 @@ def test_best_options_that_conflict_are_refused_in_one_line(tmp_path, capsys):
             (dict(best=True, average_last=3), "--best chooses checkpoints by validation, --average-last / --step by "
                                               "recency: give one of them"),
             (dict(average_best=2, step=5), "--average-best chooses checkpoints by validation"),
-            (dict(best=True, average_best=2), "--best is --average-best 1: give one of them"),
-            (dict(average_best=0), "--average-best must be >= 1")):
+            (dict(average_from_best=2, average_last=3), "--average-from-best chooses checkpoints by validation"),
+            (dict(best=True, average_best=2), "--best and --average-best each choose the checkpoints by "
+                                              "validation: give one of them"),
+            (dict(average_best=2, average_from_best=2), "--average-best and --average-from-best each choose"),
+            (dict(average_best=0), "--average-best must be >= 1"),
+            (dict(average_from_best=0), "--average-from-best must be >= 1")):
         with pytest.raises(ValueError, match=message):
-            runs.best_count(tmp_path, **kwargs)
+            runs.validation_choice(tmp_path, **kwargs)
     with pytest.raises(ValueError, match="is not a training workdir"):
         jaxformer.load(tmp_path / "nowhere", best=True)
-    assert runs.best_count(tmp_path, best=True) == 1 and runs.best_count(tmp_path, average_last=2) == 0
+    assert runs.validation_choice(tmp_path, best=True) == {"best": 1}
+    assert runs.validation_choice(tmp_path, average_best=3) == {"best": 3}
+    assert runs.validation_choice(tmp_path, average_from_best=4) == {"from_best": 4}
+    assert runs.validation_choice(tmp_path, average_last=2) == {}
     assert cli_main(["export", "--model", str(tmp_path), "--best", "--average-last", "2", "--out",
                      str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
@@ -247,6 +281,12 @@ def test_a_run_records_its_choice_keeps_the_best_and_resumes_with_it(tmp_path, s
     assert kept == sorted({6} | set(replay.ranked([2, 4, 6])[:2]))
     assert jaxformer.load(tmp_path, best=True).checkpoint_steps == [replay.best_step]
     assert jaxformer.load(tmp_path, average_best=2).checkpoint_steps == sorted(replay.ranked([2, 4, 6])[:2])
+    window = [s for s in kept if s >= replay.best_step][:2]  # the best and the next kept step, if any
+    if len(window) == 2:
+        assert jaxformer.load(tmp_path, average_from_best=2).checkpoint_steps == window
+    else:
+        with pytest.raises(ckpt.CheckpointError, match="fewer than the 2 asked for; lower --average-from-best"):
+            jaxformer.load(tmp_path, average_from_best=2)
     # Resumed with more steps and patience 2, validations that never improve: it stops at the second of them,
     # with the best from before the resume, and a rerun has nothing left to train.
     monkeypatch.setattr(jaxformer.train._Trainer, "evaluate", lambda self, params: {"loss": 9.0, "nll": 9.0})

@@ -81,6 +81,10 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
     assert "checkpoint steps 2, 3, averaged" in capsys.readouterr().out
     averaged = load_translator(tmp_path / "exported")
     assert first_kernel(averaged.params) == pytest.approx(first_kernel(params), rel=1e-6)  # (0 + 2) / 2 times
+    assert cli.main(["evaluate", "--model", str(run), "--average-from-best", "2", "--out", str(tmp_path / "from")]) == 0
+    info = json.loads((tmp_path / "from" / "bleu.json").read_text())  # the best (2) and the one after it (3)
+    assert info["checkpoint_steps"] == [2, 3] and info["average_from_best"] == 2 and info["average_last"] is None
+    assert info["bleu"] > 80  # the average is the copy model
     assert cli.main(["evaluate", "--model", str(run), "--average-best", "4"]) == 1
     assert "keeps 3 of the 4 best checkpoints by validation bleu" in capsys.readouterr().err
     # A sweep scores every combination on one split, prints the table and the best row.
@@ -93,7 +97,16 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
     best = max(saved["rows"], key=lambda r: r["bleu"])
     assert best["checkpoint_steps"] == [2, 3] and best["bleu"] > 80  # the average is the copy model
     assert printed[5].startswith(f"chosen: average_last=2 length_penalty={best['length_penalty']} (BLEU ")
+    assert cli.main(["evaluate", "--model", str(run), "--split", "test", "--sweep", "average_from_best=1,2",
+                     "--out", str(tmp_path / "sweep_from")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["average_from_best", "bleu"] and printed[-1].startswith("chosen: average_from_best=2")
+    saved = json.loads((tmp_path / "sweep_from" / "sweep.json").read_text())
+    assert [r["checkpoint_steps"] for r in saved["rows"]] == [[2], [2, 3]]
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_last=1", "--best"]) == 1
+    assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_last=1", "average_from_best=2"]) == 1
+    assert "average_last, average_best, average_from_best are ways to choose checkpoints" in \
+        capsys.readouterr().err
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "length_penalty=x"]) == 1
     assert "--sweep length_penalty=x: expected float values" in capsys.readouterr().err
 

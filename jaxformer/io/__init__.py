@@ -31,14 +31,16 @@ FORMATS = tuple(WRITERS)
 
 
 def load(path: str | os.PathLike, *, step: int | None = None, average_last: int | None = None, best: bool = False,
-         average_best: int | None = None) -> Translator:
+         average_best: int | None = None, average_from_best: int | None = None) -> Translator:
     """The `Translator` of a run directory (by default the average of its last `train.average_last`
     checkpoints; `step` / `average_last` choose others; `best` its best checkpoint by validation,
-    `average_best` = K the average of its K best) or of an export directory."""
+    `average_best` = K the average of its K best, `average_from_best` = K of its best and the K - 1 kept
+    after it) or of an export directory."""
     path = pathlib.Path(path)
-    count = runs.best_count(path, step=step, average_last=average_last, best=best, average_best=average_best)
-    if count:
-        return runs.read(path, best=count)
+    chosen = runs.validation_choice(path, step=step, average_last=average_last, best=best,
+                                    average_best=average_best, average_from_best=average_from_best)
+    if chosen:
+        return runs.read(path, **chosen)
     if native.is_export_dir(path):
         if step is not None or average_last not in (None, 1):
             raise ValueError(f"{path} is an exported model (one set of parameters): --step/--average-last apply "
