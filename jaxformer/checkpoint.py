@@ -7,7 +7,8 @@ A run directory ("workdir") holds:
     checkpoints/<step>/  one orbax checkpoint per kept step, with the items
         params/            the model variables {"params": ...}, float32
         opt_state/         the optimizer state
-        meta/              JSON: step, the run's PRNG key data, the validation bookkeeping (`jaxformer.choose`)
+        meta/              JSON: step, the run's PRNG key data, the validation bookkeeping (`jaxformer.choose`),
+                           the wall-clock seconds spent so far
         data/              JSON: each process's training data iterator position
     metrics.jsonl        one JSON object per logged step / evaluation
     metrics.dropped.jsonl  records of steps a resumed run redid (kept, not deleted)
@@ -77,6 +78,7 @@ class Restored:
     rng: np.ndarray  # PRNG key data (uint32)
     data_state: dict
     choice: dict | None = None  # the validation bookkeeping (`jaxformer.choose.Choice.state_dict`), if saved
+    train_seconds: float = 0.0  # wall-clock seconds the run had spent at this step, over resumes
 
 
 def _abstract(tree: Any) -> Any:
@@ -146,9 +148,11 @@ class CheckpointStore:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, *, params: Any, opt_state: Any, rng: Any, data_state: dict,
-             choice: Choice | None = None) -> None:
+             choice: Choice | None = None, train_seconds: float | None = None) -> None:
         """Start writing checkpoint `step` (in the background when async); `wait()` to be sure it landed."""
         meta = {"step": int(step), "rng": np.asarray(jax.device_get(rng)).astype(np.uint32).tolist()}
+        if train_seconds is not None:
+            meta["train_seconds"] = round(float(train_seconds), 3)
         if choice is not None:
             meta["choice"] = choice.state_dict()
         args = ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -196,7 +200,7 @@ class CheckpointStore:
         return Restored(step=step, params=restored["params"],
                         opt_state=restored["opt_state"] if opt_state_like is not None else None,
                         rng=np.asarray(meta["rng"], dtype=np.uint32), data_state=data_state,
-                        choice=meta.get("choice"))
+                        choice=meta.get("choice"), train_seconds=float(meta.get("train_seconds", 0.0)))
 
     def choice(self) -> Choice | None:
         """The validation bookkeeping of the newest readable checkpoint that holds it (None if none does)."""

@@ -87,15 +87,18 @@ class Choice:
         return {"best_step": self.best_step, f"best_{self.metric}": self.best_value,
                 "validations_since_best": self.since_best}
 
-    def end(self, step: int, steps: int) -> tuple[dict, str]:
-        """Why the run stopped at `step` (train.steps = `steps`): a metrics.jsonl record and a log line."""
+    def end(self, step: int, steps: int, minutes: float | None = None) -> tuple[dict, str]:
+        """Why the run stopped at `step` (train.steps = `steps`; `minutes`: the time budget it spent, when that
+        stopped it): a metrics.jsonl record and a log line."""
         if self.should_stop:
-            reason = (f"early stopping at step {self.stopped_at}: {self.since_best} validation(s) without "
-                      f"improvement (train.early_stopping_patience={self.patience})")
+            kind, reason = "early_stopping", (f"early stopping at step {self.stopped_at}: {self.since_best} "
+                                              f"validation(s) without improvement "
+                                              f"(train.early_stopping_patience={self.patience})")
+        elif minutes is not None:
+            kind, reason = "time", f"train.stop_after_minutes={minutes:g} spent at step {step} of {steps}"
         else:
-            reason = f"step {step} of train.steps={steps} reached"
-        return {"reason": "early_stopping" if self.should_stop else "steps", **self.record()}, \
-            f"stopped: {reason}; {self.describe()}"
+            kind, reason = "steps", f"step {step} of train.steps={steps} reached"
+        return {"reason": kind, **self.record()}, f"stopped: {reason}; {self.describe()}"
 
     def state_dict(self) -> dict:
         return {"metric": self.metric, "best_step": self.best_step, "best_value": self.best_value,

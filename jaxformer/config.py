@@ -134,6 +134,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.keep_best = 0                 # the K best checkpoints by best_metric, kept besides the last ones (every
     #                                 validation then saves a checkpoint); they give --best / --average-best
     t.early_stopping_patience = 0   # stop after this many validations without improvement; 0: never
+    t.stop_after_minutes = 0.0      # stop (validate, save) once this many minutes of wall clock are spent,
+    #                                 counted over resumes (fairseq's --stop-time-hours); 0: no time budget
     t.async_checkpointing = True
     t.progress_bar = True
     t.plot = True                   # write curves.png into the workdir
@@ -225,6 +227,7 @@ def check_train_config(train_cfg) -> None:
     need(t.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0 (0: never stop early)")
     need(t.early_stopping_patience == 0 or t.eval_every > 0, "early_stopping_patience",
          "needs validations during training: set train.eval_every > 0")
+    need(t.stop_after_minutes >= 0, "stop_after_minutes", "must be >= 0 (minutes; 0: no time budget)")
     need(t.distributed in ("auto", "on", "off"), "distributed", "must be 'auto', 'on' or 'off'")
     need(t.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0 (seconds)")
     need(t.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0 (seconds)")

@@ -95,6 +95,7 @@ class _Trainer:
         from jaxformer.data import get_tokenizer
 
         self.started = time.monotonic()  # the run's wall time, of which validations take a share
+        self.clock_started = _clock()  # the same, for train.stop_after_minutes
         self.config, self.workdir, self.t = config, workdir, config.train
         self.is_chief = jax.process_index() == 0
         if config.train.get("init_from"):  # fine-tuning: the exported model's vocabulary (jaxformer/io/init_from.py)
@@ -213,7 +214,8 @@ class _Trainer:
                      source=source, metrics=MetricsLog(self.workdir, start, enabled=self.is_chief), bar=bar,
                      result={"step": start, "workdir": str(self.workdir)},
                      choice=choose.resumed(t, restored.choice if restored is not None else None,
-                                           parser=is_parser(self.tokenizer)))
+                                           parser=is_parser(self.tokenizer)),
+                     prior_seconds=restored.train_seconds if restored is not None else 0.0)
 
     def train_step(self, loop: _Loop, step: int) -> None:
         """One update (of train.grad_accum_steps micro-batches), without waiting for the device."""
@@ -232,6 +234,18 @@ class _Trainer:
         stopping = loop.vote is not None and bool(loop.vote)
         loop.vote = parallel.any_process_later(stop.requested, self.mesh)
         return stopping
+
+    def spent_seconds(self, loop: _Loop) -> float:
+        """Wall-clock seconds the run has spent, start-up and validations included, over resumes."""
+        return loop.prior_seconds + _clock() - self.clock_started
+
+    def out_of_time(self, loop: _Loop, step: int) -> bool:
+        """Whether train.stop_after_minutes is spent after `step`. With several processes, process 0 decides,
+        every train.log_every steps (as for time-based saves)."""
+        budget = 60 * float(self.t.stop_after_minutes)
+        if not budget or (jax.process_count() > 1 and step % self.t.log_every):
+            return False
+        return _agree(self.spent_seconds(loop) >= budget)
 
     def save_due(self, loop: _Loop, step: int) -> bool:
         if self.t.checkpoint_every_steps and step % self.t.checkpoint_every_steps == 0:
@@ -266,7 +280,7 @@ class _Trainer:
                                 f"{self.last_good()} Lower train.lr_scale or set train.grad_clip_norm.")
         self.store.save(int(state.step), params=state.params, opt_state=state.opt_state, rng=state.rng,
                         data_state={"processes": parallel.allgather_json(loop.source.state_dict())},
-                        choice=loop.choice)
+                        choice=loop.choice, train_seconds=self.spent_seconds(loop))
         loop.last_save_time = loop.window_start = time.monotonic()
 
     def evaluate_and_log(self, loop: _Loop, step: int, params, split: str = "valid", choose_best: bool = False):
@@ -304,7 +318,10 @@ class _Trainer:
             log.info("workdir %s already holds step %d >= train.steps=%d: evaluating only", self.workdir,
                      loop.start, t.steps)
             self.evaluate_and_log(loop, loop.start, loop.state.params)
-        record, message = loop.choice.end(int(loop.result["step"]), int(t.steps))
+        spent = self.spent_seconds(loop) / 60
+        record, message = loop.choice.end(int(loop.result["step"]), int(t.steps),
+                                          minutes=float(t.stop_after_minutes) if loop.timed_out else None)
+        record["train_minutes"] = round(spent, 2)
         log.info("%s", message)
         loop.metrics.write("end", int(loop.result["step"]), record)
         loop.result.update(stop_reason=record["reason"], best_step=loop.choice.best_step)
@@ -375,6 +392,8 @@ class _Loop:
     vote: Any = None  # several processes: the stop vote started after the previous step
     choice: choose.Choice | None = None  # the best step by validation, early stopping (`jaxformer.choose`)
     eval_seconds: float = 0.0  # spent validating so far (this invocation)
+    prior_seconds: float = 0.0  # wall-clock seconds spent before this invocation (the checkpoint resumed from)
+    timed_out: bool = False  # stopped by train.stop_after_minutes
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -386,12 +405,17 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     try:
         redirect = logging_redirect_tqdm() if not loop.bar.disable else contextlib.nullcontext()
         with redirect, StopSignals() as stop:  # log lines go above the progress bar
+            spent = loop.timed_out = bool(t.stop_after_minutes) and loop.prior_seconds >= 60 * t.stop_after_minutes
             if loop.choice.should_stop:
                 log.info("the run stopped early at step %d (train.early_stopping_patience=%d): nothing to train",
                          loop.choice.stopped_at, t.early_stopping_patience)
-            for step in range(loop.start + 1, t.steps + 1 if not loop.choice.should_stop else 0):
+            elif spent:
+                log.info("the run spent its time budget at step %d (%.1f of train.stop_after_minutes=%g): nothing "
+                         "to train; raise it to go on", loop.start, loop.prior_seconds / 60, t.stop_after_minutes)
+            for step in range(loop.start + 1, t.steps + 1 if not (loop.choice.should_stop or spent) else 0):
                 trainer.train_step(loop, step)
-                last = step == t.steps
+                loop.timed_out = trainer.out_of_time(loop, step)
+                last = step == t.steps or loop.timed_out
                 stopping = trainer.stop_requested(loop, stop)
                 save = last or stopping or trainer.save_due(loop, step)
                 evaluate = last or bool(t.eval_every and step % t.eval_every == 0)
@@ -403,7 +427,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if save or early or (evaluate and t.keep_best):  # keep_best ranks the validated checkpoints
                     trainer.save(loop)
                 loop.result["step"] = step
-                if early:
+                if early or loop.timed_out:
                     break
                 if stopping and not last:
                     trainer.stop(stop, step)
@@ -422,6 +446,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     log.info("done: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                      for k, v in loop.result.items()}))
     return loop.result
+
+
+def _clock() -> float:
+    """Seconds on a monotonic clock: what train.stop_after_minutes counts (tests replace it)."""
+    return time.monotonic()
 
 
 def _agree(flag: bool) -> bool:

@@ -304,3 +304,36 @@ def test_a_run_records_its_choice_keeps_the_best_and_resumes_with_it(tmp_path, s
     assert "the run stopped early at step 10 (train.early_stopping_patience=2): nothing to train" in \
            (tmp_path / "train.log").read_text()
     assert max(r["step"] for r in records_of(tmp_path, "train")) == 10
+
+
+def test_a_time_budget_stops_validates_saves_and_counts_over_resumes(tmp_path, synthetic_setup, monkeypatch):
+    clock = {"now": 1000.0}  # a made-up wall clock: each update takes a minute
+    monkeypatch.setattr(jaxformer.train, "_clock", lambda: clock["now"])
+    train_step = jaxformer.train._Trainer.train_step
+
+    def one_minute_step(self, loop, step):
+        clock["now"] += 60.0
+        train_step(self, loop, step)
+
+    monkeypatch.setattr(jaxformer.train._Trainer, "train_step", one_minute_step)
+    config = tiny_config(tmp_path, synthetic_setup, steps=20, stop_after_minutes=3.5, checkpoint_every_steps=2)
+    assert jaxformer.train.run(config)["step"] == 4  # 4 minutes >= 3.5 after step 4
+    assert [r["step"] for r in records_of(tmp_path, "valid")] == [4]  # the last step is validated
+    [end] = records_of(tmp_path, "end")
+    assert end["reason"] == "time" and end["train_minutes"] == 4.0
+    assert "stopped: train.stop_after_minutes=3.5 spent at step 4 of 20" in (tmp_path / "train.log").read_text()
+    store = ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, read_only=True)
+    assert store.steps == [2, 4] and store.restore(4).train_seconds == 240.0
+    store.close()
+    # The budget is spent: a rerun has nothing to train; a larger budget goes on, counting the 4 minutes.
+    assert jaxformer.train.run(config)["step"] == 4
+    assert "the run spent its time budget at step 4 (4.0 of train.stop_after_minutes=3.5): nothing to train" in \
+        (tmp_path / "train.log").read_text()
+    assert records_of(tmp_path, "end")[-1]["reason"] == "time"
+    config.train.stop_after_minutes = 6.0
+    assert jaxformer.train.run(config)["step"] == 6  # 4 + 2 minutes
+    assert records_of(tmp_path, "end")[-1] == {**records_of(tmp_path, "end")[-1], "reason": "time",
+                                              "train_minutes": 6.0}
+    config.train.stop_after_minutes = -1.0
+    with pytest.raises(ValueError, match="train.stop_after_minutes"):
+        jaxformer.train.run(config)
