@@ -171,14 +171,20 @@ def kernel(loaded) -> float:
     return float(np.asarray(loaded[0]["params"]["w"])[0, 0])
 
 
-def test_best_and_average_best_load_the_right_steps(tmp_path):
-    store = ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, keep=2, keep_best=3, async_save=False)
+def validated_run(directory, *, keep: int, keep_best: int) -> tuple[list[int], Choice]:
+    """Steps 1-8 saved with BLEU's made-up validations; the kept steps and the bookkeeping."""
+    store = ckpt.CheckpointStore(directory / ckpt.CHECKPOINT_DIR, keep=keep, keep_best=keep_best, async_save=False)
     choice = Choice(metric="bleu")
     for step in range(1, 9):
         choice.update(step, BLEU[step])
         save(store, step, choice)
-    assert store.steps == [2, 4, 7, 8]  # last 2: 7, 8; best 3: 2 (9.0), 8 (8.5), 4 (8.0)
     store.close()
+    return store.steps, choice
+
+
+def test_best_and_average_best_load_the_right_steps(tmp_path):
+    kept, _ = validated_run(tmp_path, keep=2, keep_best=3)
+    assert kept == [2, 4, 7, 8]  # last 2: 7, 8; best 3: 2 (9.0), 8 (8.5), 4 (8.0)
     assert ckpt.load_averaged(tmp_path, best=1)[1] == [2] and kernel(ckpt.load_averaged(tmp_path, best=1)) == 2.0
     assert kernel(ckpt.load_averaged(tmp_path, best=2)) == pytest.approx(5.0)  # steps 2 and 8
     assert ckpt.load_averaged(tmp_path, best=3)[1] == [2, 4, 8]
@@ -190,13 +196,8 @@ def test_best_and_average_best_load_the_right_steps(tmp_path):
 
 
 def test_average_from_best_loads_the_best_and_the_checkpoints_after_it(tmp_path):
-    store = ckpt.CheckpointStore(tmp_path / ckpt.CHECKPOINT_DIR, keep=5, keep_best=1, async_save=False)
-    choice = Choice(metric="bleu")
-    for step in range(1, 9):
-        choice.update(step, BLEU[step])
-        save(store, step, choice)
-    assert store.steps == [2, 4, 5, 6, 7, 8]  # last 5: 4-8; the best: 2 (9.0); 3 was rotated away
-    store.close()
+    kept, choice = validated_run(tmp_path, keep=5, keep_best=1)
+    assert kept == [2, 4, 5, 6, 7, 8]  # last 5: 4-8; the best: 2 (9.0); 3 was rotated away
     assert ckpt.load_averaged(tmp_path, from_best=1)[1] == [2]
     params, steps = ckpt.load_averaged(tmp_path, from_best=3)
     assert steps == [2, 4, 5] and kernel((params, steps)) == pytest.approx(11.0 / 3)  # the kept ones after 2
