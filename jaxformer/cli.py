@@ -28,7 +28,7 @@ import sys
 
 from jaxformer.cli_args import (add_decode_args, add_model_args, decode_overrides, int_list, load_model,
                                 parse_overrides)
-from jaxformer.lines import count_lines as _count_lines, input_batches
+from jaxformer.lines import count_lines as _count_lines, input_batches, read_text_lines
 from jaxformer.lines import lines_as_they_come as _lines_as_they_come  # noqa: F401 - tests read it here
 
 __all__ = ["main"]
@@ -52,8 +52,7 @@ def _cmd_translate(args) -> int:
     total = None if args.input == "-" else _count_lines(args.input)
     prefixes = None
     if args.prefix is not None:
-        with open(args.prefix, encoding="utf-8") as f:
-            prefixes = [line.rstrip("\r\n") for line in f]
+        prefixes = read_text_lines(args.prefix)
         if total is not None and total != len(prefixes):
             raise ValueError(f"--prefix {args.prefix} has {len(prefixes)} lines but {args.input} has {total}: "
                              f"give one prefix per input line (an empty line for none)")
@@ -109,10 +108,7 @@ def _translated_lines(translator, lines: list[str], args, overrides: dict, first
 
 def _read_pairs(src: str, tgt: str) -> tuple[list[str], list[str]]:
     """The lines of two parallel files; one line of error if either is missing or their lengths differ."""
-    texts = []
-    for path in (src, tgt):
-        with open(path, encoding="utf-8") as f:
-            texts.append([line.rstrip("\r\n") for line in f])
+    texts = [read_text_lines(src), read_text_lines(tgt)]
     if len(texts[0]) != len(texts[1]):
         raise ValueError(f"{src} has {len(texts[0])} lines but {tgt} has {len(texts[1])}: score needs one target "
                          f"line per source line")

@@ -1,5 +1,7 @@
 """Lines of input as the commands read them: a pipe or terminal line by line as it comes (each line answered
-at once), a file in large chunks with a progress bar. Shared by `jaxformer translate` and `jaxformer parse`."""
+at once), a file in large chunks with a progress bar. Shared by `jaxformer translate` and `jaxformer parse`.
+Input the commands answer line for line must be UTF-8: a line that is not stops them with one line naming the
+file and the line (`text_lines`); `read_lines` is lenient (U+FFFD, counted by evaluate)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import contextlib
 import os
 import sys
 
-__all__ = ["input_batches", "stream_fd", "progress", "lines_as_they_come", "chunks", "count_lines", "read_lines"]
+__all__ = ["input_batches", "stream_fd", "progress", "lines_as_they_come", "chunks", "count_lines", "read_lines",
+           "text_lines", "read_text_lines"]
 
 
 def input_batches(stack: contextlib.ExitStack, path: str, batch_size: int, quiet: bool = False):
@@ -18,7 +21,10 @@ def input_batches(stack: contextlib.ExitStack, path: str, batch_size: int, quiet
     if stream is not None:
         batches = lines_as_they_come(stream, 32 * batch_size)
     else:
-        source = sys.stdin if path == "-" else stack.enter_context(open(path, encoding="utf-8"))
+        if path != "-":
+            source = text_lines(stack.enter_context(open(path, "rb")), path)
+        else:  # a file on stdin; a text stand-in without bytes (a test's) as it is
+            source = text_lines(sys.stdin.buffer, "stdin") if hasattr(sys.stdin, "buffer") else sys.stdin
         batches = chunks(source, 32 * batch_size)
     return batches, stack.enter_context(progress(total, batch_size, quiet))
 
@@ -43,13 +49,13 @@ def progress(total: int | None, batch_size: int, quiet: bool):
                 disable=quiet or total is None or total <= 4 * batch_size)
 
 
-def lines_as_they_come(fd: int, size: int, wait: float = 0.01):
+def lines_as_they_come(fd: int, size: int, wait: float = 0.01, name: str = "stdin"):
     """Lines of a pipe or terminal in batches of what has arrived: wait for a line, then take every line
     already there (up to `size`, and whatever comes within `wait` seconds), so that a person typing one line,
     or a program writing one and waiting for its answer, gets it at once."""
     import select
 
-    pending, lines = b"", []
+    pending, lines, number = b"", [], 0
     while True:
         if lines and (len(lines) >= size or not select.select([fd], [], [], wait)[0]):
             yield lines[:size]
@@ -59,12 +65,30 @@ def lines_as_they_come(fd: int, size: int, wait: float = 0.01):
         if not data:
             break
         *complete, pending = (pending + data).split(b"\n")
-        lines += [line.decode("utf-8").rstrip("\r") for line in complete]
+        lines += text_lines(complete, name, number + 1)
+        number += len(complete)
     if pending:
-        lines.append(pending.decode("utf-8").rstrip("\r"))
+        lines += text_lines([pending], name, number + 1)
     while lines:
         yield lines[:size]
         lines = lines[size:]
+
+
+def text_lines(raw_lines, name: str, first: int = 1):
+    """Lines given as bytes, decoded, without their line ends; a ValueError naming `name` and the line (counted
+    from `first`) for one that is not UTF-8."""
+    for number, raw in enumerate(raw_lines, start=first):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name} line {number} is not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
+                             f"convert it first, e.g. iconv -f LATIN1 -t UTF-8") from None
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """A file's lines (`text_lines`: one line of error for one that is not UTF-8)."""
+    with open(path, "rb") as f:
+        return list(text_lines(f, str(path)))
 
 
 def chunks(lines, size: int):

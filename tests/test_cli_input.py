@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from jaxformer import cli
 from jaxformer.synthetic import english_words
 
@@ -68,3 +70,29 @@ def test_a_file_of_many_batches_gets_a_progress_bar_unless_quiet(number_words, t
     assert capsys.readouterr().err == ""
     assert (tmp_path / "out.de").read_text(encoding="utf-8").splitlines() == number_words.translate(
         [english_words(n) for n in range(9)], beam_size=1, parallel="split")
+
+
+def test_input_that_is_not_utf8_stops_with_the_file_and_line(number_words, tmp_path, capsys):
+    from jaxformer.lines import lines_as_they_come, read_text_lines, text_lines
+
+    with pytest.raises(ValueError, match=r"^f.txt line 2 is not UTF-8 \(byte 0xff at byte 5\); convert it first"):
+        list(text_lines([b"eins\r\n", b"zwei\xff\n"], "f.txt"))
+    read, write = os.pipe()
+    os.write(write, "drei\nvier\n".encode() + b"f\xfcnf\n")  # Latin-1, not UTF-8
+    os.close(write)
+    with pytest.raises(ValueError, match=r"^stdin line 3 is not UTF-8 \(byte 0xfc at byte 2\)"):
+        list(lines_as_they_come(read, size=8))
+    os.close(read)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("one two\r\n".encode() + "caf\u00e9\n".encode("latin-1"))
+    good = tmp_path / "good.txt"
+    good.write_text("eins zwei\ncafe\n", encoding="utf-8")
+    assert read_text_lines(good) == ["eins zwei", "cafe"]
+    model = str(number_words.source)
+    for command in (["translate", "--model", model, "--input", str(bad)],
+                    ["translate", "--model", model, "--input", str(good), "--prefix", str(bad)],
+                    ["score", "--model", model, "--src", str(good), "--tgt", str(bad)]):
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {bad} line 2 is not UTF-8 (byte 0xe9 at byte 4); convert it first, e.g. iconv -f " \
+                      f"LATIN1 -t UTF-8", command
