@@ -294,8 +294,8 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
     to `out_dir/sweep.json`. The score is cased sacreBLEU, with `tokenized` tokenized BLEU, with `tok_refs`
     Moses-tokenized lowercased BLEU against that file (`moses_lc_bleu`, in `bleu_moses_lc`); a parser's is
-    parseval F1, in `f1`. `choice` (step, average_last, best, average_best, average_from_best) picks the checkpoints when the grid
-    does not."""
+    parseval F1, in `f1`. `choice` (step, average_last, best, average_best, average_from_best) picks the
+    checkpoints when the grid does not."""
     import itertools
 
     from jaxformer.bleu import tokenized_bleu
