@@ -139,7 +139,7 @@ def staged_and_whole(search, traced, **kwargs):
     dispatched = search(staged=True, **kwargs)
     later = dispatched.later()
     assert dispatched.later() is later  # dispatched once
-    staged = jax.tree.map(np.asarray, dispatched.out if later is None else later)
+    staged = jax.tree.map(np.asarray, dispatched.result())  # `out`, or the later segments' outputs
     traces = len(traced) - before
     return staged, jax.tree.map(np.asarray, search(**kwargs)), later is not None, traces
 
