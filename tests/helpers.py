@@ -195,6 +195,12 @@ def tiny_config(workdir, synthetic_setup, **train):
     return c
 
 
+def records_of(workdir, split: str) -> list[dict]:
+    """A run's metrics.jsonl records of one split ("train", "valid", "end", ...), in order."""
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
 # ----------------------------------------------------------------------------- the data pipeline
 # (test_synthetic, test_vocabulary, test_sources, test_cache, test_batching, test_prefetch)
 

@@ -19,7 +19,7 @@ from jaxformer.cli import main as cli_main
 from jaxformer.config import check_train_config, default_config
 from jaxformer.io import runs
 
-from helpers import tiny_config
+from helpers import records_of, tiny_config
 
 
 def feed(choice: Choice, values, every: int = 10) -> list[bool]:
@@ -257,11 +257,6 @@ def test_best_options_that_conflict_are_refused_in_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- one training run
-
-
-def records_of(workdir, split):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def test_a_run_records_its_choice_keeps_the_best_and_resumes_with_it(tmp_path, synthetic_setup,

@@ -36,6 +36,7 @@ from jaxformer.run_config import save_run_config
 from jaxformer.train import _Trainer, run
 
 from conftest import FAST_COMPILE, REPO
+from helpers import records_of
 
 STEPS = 10
 TIMEOUT = 300  # seconds for any one 2-process run (the shared 2-core machine can be very loaded); a hang fails the test
@@ -84,8 +85,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, tmp_path, name: str, processes: int = 2) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-    """Start `python train.py` as `processes` processes of one jax.distributed job; (process, its log)."""
+LATE_CLOCK = """
+import itertools, runpy, time
+import jaxformer.train
+readings = itertools.count()
+jaxformer.train._clock = lambda: time.monotonic() + (1e6 if next(readings) else 0.0)
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def launch(config, tmp_path, name: str, processes: int = 2,
+           late_clock: tuple[int, ...] = ()) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+    """Start `python train.py` as `processes` processes of one jax.distributed job; (process, its log).
+    The processes in `late_clock` run train.py with a clock that jumps a million seconds ahead after its
+    first reading (the run's start), so their train.stop_after_minutes is spent at the first check."""
     folder = tmp_path / name
     folder.mkdir()
     save_run_config(config, folder / "config")
@@ -104,7 +117,8 @@ def launch(config, tmp_path, name: str, processes: int = 2) -> list[tuple[subpro
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         log = folder / f"process{i}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "train.py", "--config", str(recipe)], cwd=REPO, env=env,
+            program = ["-c", LATE_CLOCK] if i in late_clock else ["train.py"]
+            proc = subprocess.Popen([sys.executable, *program, "--config", str(recipe)], cwd=REPO, env=env,
                                     stdout=out, stderr=subprocess.STDOUT)
         started.append((proc, log))
     return started
@@ -128,17 +142,10 @@ def finish(started, timeout=TIMEOUT) -> list[tuple[int, str]]:
 
 def train_losses(workdir) -> dict[int, float]:
     losses = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["split"] == "train":
-            assert record["step"] not in losses, f"step {record['step']} logged twice"
-            losses[record["step"]] = record["loss"]
+    for record in records_of(workdir, "train"):
+        assert record["step"] not in losses, f"step {record['step']} logged twice"
+        losses[record["step"]] = record["loss"]
     return losses
-
-
-def final_valid(workdir) -> dict:
-    records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["split"] == "valid"][-1]
 
 
 class _ShardsTogether:
@@ -218,8 +225,7 @@ def test_the_processes_agree_on_the_best_step(two_process_run):
     said = [[line.split("stopped: ", 1)[1] for line in output.splitlines() if "stopped: " in line]
             for _, output in results]
     assert len(said[0]) == 1 and said[0] == said[1], said
-    valid = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in valid if r["split"] == "valid"]
+    valid = records_of(tmp / "run", "valid")
     assert [r["step"] for r in valid] == [STEPS // 2, STEPS]
     best = min(valid, key=lambda r: (r["nll"], r["step"]))["step"]
     assert valid[-1]["best_step"] == best and f"best step {best} with nll" in said[0][0]
@@ -253,7 +259,7 @@ def test_each_process_reads_its_own_disjoint_shard_and_together_all_data(two_pro
 
 def test_evaluation_and_bleu_in_two_processes_equal_one_process(two_process_run):
     tmp, _, _ = two_process_run
-    two, one = final_valid(tmp / "run"), final_valid(tmp / "reference")
+    two, one = records_of(tmp / "run", "valid")[-1], records_of(tmp / "reference", "valid")[-1]
     assert two["step"] == one["step"] == STEPS
     assert two["tokens"] == one["tokens"]  # each process evaluates its shard; the sums cover the split
     for key in ("loss", "nll", "accuracy"):
@@ -340,6 +346,29 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_with_a_checkpoint
     assert f"stopped by a signal on another process after step {stopped}: checkpoint step {stopped}" in out0
     python = os.path.basename(sys.executable)  # the interpreter the user ran, e.g. python3
     assert f"rerun the same command to resume from it: {python} train.py --config " in out0.strip().splitlines()[-1]
+
+
+def test_process_0s_clock_decides_when_the_time_budget_is_spent(tmp_path, setup):
+    """train.stop_after_minutes with clocks that disagree: process 0's decides, so every process stops after
+    the same step, or none does."""
+    # Only process 1's budget is spent: process 0 goes on, and so does process 1, to train.steps.
+    config = small_config(tmp_path / "going_on", setup, stop_after_minutes=60, checkpoint_every_steps=0)
+    for code, output in finish(launch(config, tmp_path, "going_on", late_clock=(1,))):
+        assert code == 0, output[-3000:]
+    assert sorted(train_losses(tmp_path / "going_on")) == list(range(1, STEPS + 1))
+    assert records_of(tmp_path / "going_on", "end")[-1]["reason"] == "steps"
+
+    # Only process 0's is spent: both stop after the first check (step 1; train.log_every=1), which is saved.
+    config = small_config(tmp_path / "spent", setup, stop_after_minutes=60, checkpoint_every_steps=0)
+    results = finish(launch(config, tmp_path, "spent", late_clock=(0,)))
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    assert sorted(train_losses(tmp_path / "spent")) == [1]
+    [end] = records_of(tmp_path / "spent", "end")
+    assert end["reason"] == "time" and end["train_minutes"] > 60
+    assert ckpt.CheckpointStore(tmp_path / "spent" / "checkpoints", read_only=True).steps == [1]
+    for _, output in results:  # each process says so
+        assert "stopped: train.stop_after_minutes=60 spent at step 1 of 10" in output, output[-3000:]
 
 
 def test_a_process_with_an_empty_shard_stops_every_process_with_one_line(tmp_path, setup):

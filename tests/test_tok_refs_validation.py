@@ -15,7 +15,7 @@ from jaxformer.config import check_train_config, default_config
 from jaxformer.data import read_pairs
 from jaxformer.validation import evaluate_bleu, tok_references
 
-from helpers import SENTENCES, make_run, tiny_config, write_split
+from helpers import SENTENCES, make_run, records_of, tiny_config, write_split
 
 
 def write_lines(path, lines) -> str:
@@ -99,11 +99,6 @@ def test_a_tok_refs_file_must_have_one_line_per_valid_pair(tmp_path, synthetic_s
 
 
 # ------------------------------------------------------------------------------------------ a training run
-
-
-def records_of(workdir, split):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def test_a_run_validates_and_chooses_by_moses_lc_bleu(tmp_path, synthetic_setup, monkeypatch):
