@@ -329,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "test set: also score the raw output lowercased, normalised and Moses-tokenized against them "
                    "(with --sweep: score and choose by that)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
-                   help="score every combination, e.g. --split valid --sweep average_last=1,5,10 "
-                        "length_penalty=0.6,0.8,1.0 (or average_best=..., average_from_best=..., any decode "
-                        "option), print the table and the best; writes sweep.json")
+                   help="score each checkpoint choice with every combination of decode options, e.g. --split "
+                        "valid --sweep average_last=5,10 average_best=1,3 average_from_best=5 "
+                        "length_penalty=0.6,1.0 (any decode option), print the table and the best; writes "
+                        "sweep.json")
     p.add_argument("--no-grammar", action="store_true", help="a parser (scored by parseval): search without the "
                    "grammar mask; ill-formed trees are repaired (jaxformer.parsing.repair) and counted")
     p.add_argument("--compound-split", action="store_true", help="also score the Transformer paper's WMT14 BLEU: "

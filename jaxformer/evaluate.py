@@ -256,7 +256,8 @@ def _parser_f1(translator, sources: Sequence[str], references: Sequence[str], or
     return score_trees(gold, [p.tree for p in parse_words(translator, words, **decode)]).all.f1
 
 
-# A sweep's checkpoint choices (one of them per sweep); every other key is a decode option.
+# A sweep's checkpoint choices: each value of each is one alternative (average_last=5,10 average_best=3 is
+# three); every other key is a decode option, and every alternative is scored with every combination of them.
 SWEEP_CHECKPOINTS = ("average_last", "average_best", "average_from_best")
 _NOT_SWEPT = ("batch_size", "parallel")  # decode options that change the speed, not the output
 
@@ -280,8 +281,6 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
             grid[key] = [kind(v) for v in values]
         except ValueError:
             raise ValueError(f"--sweep {key}={text}: expected {kind.__name__} values") from None
-    if len([k for k in grid if k in SWEEP_CHECKPOINTS]) > 1:
-        raise ValueError(f"--sweep: {', '.join(SWEEP_CHECKPOINTS)} are ways to choose checkpoints; sweep one")
     return grid
 
 
@@ -290,8 +289,10 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
               data_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
               tokenize: str | None = None, tokenized: bool = False, tok_refs: str | None = None,
               decode_overrides: Mapping[str, Any] | None = None, **choice) -> tuple[list[dict], str]:
-    """Score every combination of `grid` (`parse_sweep`) on one split (choose on valid, score test once):
-    (the rows, in grid order, each with its `bleu`, and a table that ends with the best row), also written
+    """Score `grid` (`parse_sweep`) on one split (choose on valid, score test once):
+    each checkpoint choice in it (the values of average_last, average_best and average_from_best, one after
+    another) with every combination of its decode options. Returns the rows, in grid order, each with its
+    `bleu`, and a table that ends with the best row (a choice's other kinds print as "-"), also written
     to `out_dir/sweep.json`. The score is cased sacreBLEU, with `tokenized` tokenized BLEU, with `tok_refs`
     Moses-tokenized lowercased BLEU against that file (`moses_lc_bleu`, in `bleu_moses_lc`); a parser's is
     parseval F1, in `f1`. `choice` (step, average_last, best, average_best, average_from_best) picks the
@@ -310,9 +311,8 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     decode_keys = [k for k in grid if k not in SWEEP_CHECKPOINTS]
     tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
     rows, test_set = [], None
-    for values in itertools.product(*(grid[k] for k in swept)):
-        chosen = dict(zip(swept, values)) or dict(choice)
-        translator = load(model_path, **chosen)
+    for chosen in [{k: v} for k in swept for v in grid[k]] or [None]:
+        translator = load(model_path, **(chosen or choice))
         if test_set is None:
             config = translator.config if translator.config is not None else default_config()
             test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
@@ -325,7 +325,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
         sources, references, origin, name = test_set
         for settings in itertools.product(*(grid[k] for k in decode_keys)):
             decode = dict(zip(decode_keys, settings))
-            row = {**dict(zip(swept, values)), **decode}
+            row = {**(chosen or {}), **decode}
             settings = {**dict(decode_overrides or {}), **decode}
             if is_parser(translator.tokenizer):  # a parser: parseval F1
                 metric, score = "f1", _parser_f1(translator, sources, references, origin, **settings)
@@ -342,10 +342,11 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
     lines = ["  ".join(f"{k:>14}" for k in [*keys, metric])]
-    lines += ["  ".join([*(f"{r[k]!s:>14}" for k in keys), f"{r[metric]:>14.2f}"]) for r in rows]
+    lines += ["  ".join([*(f"{r.get(k, '-')!s:>14}" for k in keys), f"{r[metric]:>14.2f}"]) for r in rows]
     what = ("parseval F1" if metric == "f1" else "Moses-tokenized lowercased BLEU" if metric == "bleu_moses_lc"
             else "tokenized BLEU" if tokenized else "BLEU")
-    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys)} ({what} {best[metric]:.2f} on {origin})")
+    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys if k in best)} ({what} {best[metric]:.2f} "
+                 f"on {origin})")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best,

@@ -104,9 +104,23 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
     saved = json.loads((tmp_path / "sweep_from" / "sweep.json").read_text())
     assert [r["checkpoint_steps"] for r in saved["rows"]] == [[2], [2, 3]]
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_last=1", "--best"]) == 1
-    assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_last=1", "average_from_best=2"]) == 1
-    assert "average_last, average_best, average_from_best are ways to choose checkpoints" in \
-        capsys.readouterr().err
+    # Several ways to choose checkpoints in one sweep: each value of each is an alternative, each scored with
+    # every decode combination; the table prints "-" for a row's other kinds, and the choice names its own.
+    assert cli.main(["evaluate", "--model", str(run), "--split", "test", "--sweep", "average_last=1",
+                     "length_penalty=0.6,1.0", "average_from_best=2,1", "--out", str(tmp_path / "kinds")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["average_last", "average_from_best", "length_penalty", "bleu"]
+    assert [line.split()[:3] for line in printed[1:7]] == [["1", "-", "0.6"], ["1", "-", "1.0"], ["-", "2", "0.6"],
+                                                          ["-", "2", "1.0"], ["-", "1", "0.6"], ["-", "1", "1.0"]]
+    saved = json.loads((tmp_path / "kinds" / "sweep.json").read_text())
+    assert [r["checkpoint_steps"] for r in saved["rows"]] == [[3], [3], [2, 3], [2, 3], [2], [2]]
+    assert [sorted(r) for r in saved["rows"][::2]] == [
+        ["average_last", "bleu", "checkpoint_steps", "length_penalty"],
+        ["average_from_best", "bleu", "checkpoint_steps", "length_penalty"],
+        ["average_from_best", "bleu", "checkpoint_steps", "length_penalty"]]
+    best = max(saved["rows"], key=lambda r: r["bleu"])
+    assert best["checkpoint_steps"] == [2, 3] and saved["chosen"] == best
+    assert printed[7].startswith(f"chosen: average_from_best=2 length_penalty={best['length_penalty']} (BLEU ")
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "length_penalty=x"]) == 1
     assert "--sweep length_penalty=x: expected float values" in capsys.readouterr().err
 
