@@ -341,8 +341,10 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
             log.info("sweep %s: %s %.2f", row, metric, score)
     best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
-    lines = ["  ".join(f"{k:>14}" for k in [*keys, metric])]
-    lines += ["  ".join([*(f"{r.get(k, '-')!s:>14}" for k in keys), f"{r[metric]:>14.2f}"]) for r in rows]
+    width = {k: max(14, len(k)) for k in [*keys, metric]}  # a column as wide as its name
+    lines = ["  ".join(f"{k:>{width[k]}}" for k in [*keys, metric])]
+    lines += ["  ".join([*(f"{r.get(k, '-')!s:>{width[k]}}" for k in keys), f"{r[metric]:>{width[metric]}.2f}"])
+              for r in rows]
     what = ("parseval F1" if metric == "f1" else "Moses-tokenized lowercased BLEU" if metric == "bleu_moses_lc"
             else "tokenized BLEU" if tokenized else "BLEU")
     lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys if k in best)} ({what} {best[metric]:.2f} "

@@ -110,6 +110,7 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
                      "length_penalty=0.6,1.0", "average_from_best=2,1", "--out", str(tmp_path / "kinds")]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split() == ["average_last", "average_from_best", "length_penalty", "bleu"]
+    assert len({len(line) for line in printed[:7]}) == 1  # columns as wide as their names: the table lines up
     assert [line.split()[:3] for line in printed[1:7]] == [["1", "-", "0.6"], ["1", "-", "1.0"], ["-", "2", "0.6"],
                                                           ["-", "2", "1.0"], ["-", "1", "0.6"], ["-", "1", "1.0"]]
     saved = json.loads((tmp_path / "kinds" / "sweep.json").read_text())
