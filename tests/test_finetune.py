@@ -16,7 +16,7 @@ from jaxformer.config import load_recipe  # noqa: E402
 from jaxformer.io.marian_import import import_marian  # noqa: E402
 from jaxformer.train import run  # noqa: E402
 import jaxformer  # noqa: E402
-from helpers import build_marian_dir, short_pairs  # noqa: E402
+from helpers import build_marian_dir, records_of, short_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,7 @@ def test_finetuning_an_imported_model_lowers_its_loss_and_keeps_its_vocabulary(i
     model_dir, data = imported
     workdir = tmp_path / "run"
     result = run(finetune_config(model_dir, data, workdir))
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["split"] == "train"]
+    losses = [r["loss"] for r in records_of(workdir, "train")]
     assert len(losses) == 20
     first, last = np.mean(losses[:4]), np.mean(losses[-4:])
     print(f"fine-tuning 20 steps: train loss {first:.3f} (steps 1-4) -> {last:.3f} (steps 17-20)")

@@ -30,7 +30,7 @@ import jaxformer
 from jaxformer.config import ALL_SENTENCES, check_train_config, load_recipe
 from jaxformer.train import TrainingError, run
 from jaxformer.validation import bleu_pairs
-from helpers import tiny_config
+from helpers import records_of, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def train_records(workdir) -> dict[int, dict]:
-    records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     by_step = {}
-    for r in records:
-        if r["split"] == "train":
-            assert r["step"] not in by_step, f"step {r['step']} logged twice"
-            by_step[r["step"]] = r
+    for r in records_of(workdir, "train"):
+        assert r["step"] not in by_step, f"step {r['step']} logged twice"
+        by_step[r["step"]] = r
     return by_step
 
 
