@@ -284,6 +284,12 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
     return grid
 
 
+def _named(row: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+    """A sweep row's settings as `key=value` words (those of `keys`, default every setting)."""
+    return " ".join(f"{k}={row[k]}" for k in (keys if keys is not None else row)
+                    if k in row and k not in ("reason", "checkpoint_steps", "bleu", "bleu_moses_lc", "f1"))
+
+
 def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: str | os.PathLike | None = None, *,
               split: str = "valid", src_file: str | None = None, ref_file: str | None = None,
               data_overrides: Mapping[str, Any] | None = None, limit: int | None = None,
@@ -296,10 +302,13 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
     to `out_dir/sweep.json`. The score is cased sacreBLEU, with `tokenized` tokenized BLEU, with `tok_refs`
     Moses-tokenized lowercased BLEU against that file (`moses_lc_bleu`, in `bleu_moses_lc`); a parser's is
     parseval F1, in `f1`. `choice` (step, average_last, best, average_best, average_from_best) picks the
-    checkpoints when the grid does not."""
+    checkpoints when the grid does not. A swept checkpoint choice the run does not hold (more checkpoints
+    than it kept) is a logged skip, listed in the table and in sweep.json's `skipped`, with its reason; the
+    rows scored stay. A one-line error when none loads."""
     import itertools
 
     from jaxformer.bleu import tokenized_bleu
+    from jaxformer.checkpoint import CheckpointError
     from jaxformer.config import default_config
     from jaxformer.data import is_parser
     from jaxformer.io import load
@@ -310,9 +319,16 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
                          f"--average-best/--average-from-best")
     decode_keys = [k for k in grid if k not in SWEEP_CHECKPOINTS]
     tokenized_references = _read_tok_refs(tok_refs, tokenized)  # a bad path fails before decoding
-    rows, test_set = [], None
+    rows, skipped, test_set = [], [], None
     for chosen in [{k: v} for k in swept for v in grid[k]] or [None]:
-        translator = load(model_path, **(chosen or choice))
+        try:
+            translator = load(model_path, **(chosen or choice))
+        except (ValueError, CheckpointError) as e:  # a swept window the run does not hold: skip that one
+            if chosen is None:
+                raise
+            log.warning("sweep %s: skipped: %s", chosen, e)
+            skipped.append({**chosen, "reason": str(e)})
+            continue
         if test_set is None:
             config = translator.config if translator.config is not None else default_config()
             test_set = _test_set(config, split, src_file, ref_file, data_overrides, limit)
@@ -339,6 +355,9 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
                                              else bleu_scores(hypotheses, references, tokenize=tokenize)).score
             rows.append({**row, metric: score, "checkpoint_steps": translator.checkpoint_steps})
             log.info("sweep %s: %s %.2f", row, metric, score)
+    if not rows:
+        raise ValueError(f"--sweep: none of its {len(skipped)} checkpoint choices could be loaded; the first, "
+                         f"{_named(skipped[0])}: {skipped[0]['reason']}")
     best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
     width = {k: max(14, len(k)) for k in [*keys, metric]}  # a column as wide as its name
@@ -347,11 +366,12 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
               for r in rows]
     what = ("parseval F1" if metric == "f1" else "Moses-tokenized lowercased BLEU" if metric == "bleu_moses_lc"
             else "tokenized BLEU" if tokenized else "BLEU")
-    lines.append(f"chosen: {' '.join(f'{k}={best[k]}' for k in keys if k in best)} ({what} {best[metric]:.2f} "
-                 f"on {origin})")
+    lines += [f"skipped: {_named(r)} ({r['reason']})" for r in skipped]
+    lines.append(f"chosen: {_named(best, keys)} ({what} {best[metric]:.2f} on {origin})")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"test_set": origin, "score": what, "rows": rows, "chosen": best,
+                                                "skipped": skipped,
                                                 **({"tok_refs": str(tok_refs)} if tok_refs else {})},
                                                indent=2) + "\n")
     return rows, "\n".join(lines) + "\n"

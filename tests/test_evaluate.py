@@ -68,7 +68,7 @@ def test_evaluate_a_run_averages_its_last_k_by_default(bundle, tmp_path, capsys)
     assert "checkpoint steps 2, 3, averaged" in capsys.readouterr().out
 
 
-def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_path, capsys):
+def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_path, capsys, caplog):
     model, params, _ = bundle
     test = tmp_path / "test"
     write_split(test, [s.encode() for s in SENTENCES], [s.encode() for s in SENTENCES])
@@ -122,6 +122,22 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
     best = max(saved["rows"], key=lambda r: r["bleu"])
     assert best["checkpoint_steps"] == [2, 3] and saved["chosen"] == best
     assert printed[7].startswith(f"chosen: average_from_best=2 length_penalty={best['length_penalty']} (BLEU ")
+    # A window the run does not hold (3 kept: 2 from its best, 3 of 4 best) is a logged skip; the rest stay.
+    with caplog.at_level(logging.WARNING, logger="jaxformer.evaluate"):
+        assert cli.main(["evaluate", "--model", str(run), "--split", "test", "--sweep", "average_from_best=5,2",
+                         "average_best=4", "--out", str(tmp_path / "unfit")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in printed[1:2]] == [["2", "-"]] and len(printed) == 5
+    assert printed[2].startswith("skipped: average_from_best=5 (") and "fewer than the 5 asked for" in printed[2]
+    assert printed[3].startswith("skipped: average_best=4 (") and "keeps 3 of the 4 best" in printed[3]
+    assert printed[4].startswith("chosen: average_from_best=2 (BLEU ")
+    assert "sweep {'average_from_best': 5}: skipped: " in caplog.text
+    saved = json.loads((tmp_path / "unfit" / "sweep.json").read_text())
+    assert [r["checkpoint_steps"] for r in saved["rows"]] == [[2, 3]]
+    assert [sorted(r) for r in saved["skipped"]] == [["average_from_best", "reason"], ["average_best", "reason"]]
+    assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_best=4,5"]) == 1  # none fits: no table
+    err = capsys.readouterr().err
+    assert "--sweep: none of its 2 checkpoint choices could be loaded; the first, average_best=4: " in err
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "length_penalty=x"]) == 1
     assert "--sweep length_penalty=x: expected float values" in capsys.readouterr().err
 
