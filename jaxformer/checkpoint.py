@@ -303,6 +303,15 @@ def average_checkpoints(params_list: Iterable[Any]) -> Any:
     return mean.result()
 
 
+def _too_few_from_best(directory: pathlib.Path, order: list[int], asked: int, used: list[int] | None = None,
+                       unreadable: str = "") -> CheckpointError:
+    """The error of `from_best` = `asked` when the run keeps fewer (readable) checkpoints from its best on."""
+    have = f"{len(order)} checkpoint(s)" if used is None else f"{len(used)} readable checkpoint(s)"
+    return CheckpointError(f"{directory} keeps {have} from its best (step {order[0]}) on{unreadable}, fewer than "
+                           f"the {asked} asked for; lower --average-from-best, or train on past the best keeping "
+                           f"more (train.keep_checkpoints)")
+
+
 def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, average_last: int = 1,
                   allow_fewer: bool = False, best: int = 0, from_best: int = 0) -> tuple[Any, list[int]]:
     """The run's parameters ({"params": ...}, float32) at `step` (default: the newest that restores),
@@ -336,6 +345,8 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
         elif from_best:
             [first] = best_first(store.choice(), steps, 1, workdir)
             order = [s for s in steps if s >= first]
+            if len(order) < from_best:  # too few kept: fail before restoring any
+                raise _too_few_from_best(directory, order, from_best)
         else:
             order = list(reversed(steps))
         for s in order:
@@ -352,10 +363,7 @@ def load_averaged(workdir: str | os.PathLike, *, step: int | None = None, averag
     unreadable = f" ({len(skipped)} unreadable: {skipped})" if skipped else ""
     if len(used) < average_last:
         if from_best:
-            raise CheckpointError(f"{directory} keeps {len(used)} readable checkpoint(s) from its best (step "
-                                  f"{order[0]}) on{unreadable}, fewer than the {average_last} asked for; lower "
-                                  f"--average-from-best, or train on past the best keeping more "
-                                  f"(train.keep_checkpoints)")
+            raise _too_few_from_best(directory, order, from_best, used, unreadable)
         if not (allow_fewer and used):
             raise CheckpointError(f"{directory} has {len(used)} readable checkpoint(s){unreadable}, fewer than the "
                                   f"{average_last} asked for; lower average_last, train longer, or keep more "

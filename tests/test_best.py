@@ -195,16 +195,30 @@ def test_best_and_average_best_load_the_right_steps(tmp_path):
         ckpt.load_averaged(tmp_path, best=2, average_last=3)
 
 
-def test_average_from_best_loads_the_best_and_the_checkpoints_after_it(tmp_path):
+def test_average_from_best_loads_the_best_and_the_checkpoints_after_it(tmp_path, monkeypatch):
     kept, choice = validated_run(tmp_path, keep=5, keep_best=1)
     assert kept == [2, 4, 5, 6, 7, 8]  # last 5: 4-8; the best: 2 (9.0); 3 was rotated away
     assert ckpt.load_averaged(tmp_path, from_best=1)[1] == [2]
     params, steps = ckpt.load_averaged(tmp_path, from_best=3)
     assert steps == [2, 4, 5] and kernel((params, steps)) == pytest.approx(11.0 / 3)  # the kept ones after 2
     assert ckpt.load_averaged(tmp_path, from_best=6)[1] == [2, 4, 5, 6, 7, 8]
-    with pytest.raises(ckpt.CheckpointError, match=r"keeps 6 readable checkpoint\(s\) from its best \(step 2\) "
+    restored, restore = [], ckpt.CheckpointStore.restore
+
+    def counted(store, step, *args, **kwargs):  # step 8 reads as torn
+        restored.append(step)
+        if step == 8:
+            raise ckpt.CheckpointError("step 8 is torn")
+        return restore(store, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.CheckpointStore, "restore", counted)
+    with pytest.raises(ckpt.CheckpointError, match=r"keeps 6 checkpoint\(s\) from its best \(step 2\) "
                                                    r"on, fewer than the 7 asked for; lower --average-from-best"):
         ckpt.load_averaged(tmp_path, from_best=7)
+    assert restored == []  # too few kept: it fails before restoring any (a sweep skips such a window at once)
+    assert ckpt.load_averaged(tmp_path, from_best=2)[1] == [2, 4] and restored == [2, 4]
+    with pytest.raises(ckpt.CheckpointError, match=r"keeps 5 readable checkpoint\(s\) from its best \(step 2\) "
+                                                   r"on \(1 unreadable: \[8\]\), fewer than the 6 asked for"):
+        ckpt.load_averaged(tmp_path, from_best=6)
     with pytest.raises(ValueError, match="give best or from_best alone"):
         ckpt.load_averaged(tmp_path, from_best=2, step=8)
     # A run whose best was rotated away says so, as --best does.
