@@ -281,6 +281,8 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
             grid[key] = [kind(v) for v in values]
         except ValueError:
             raise ValueError(f"--sweep {key}={text}: expected {kind.__name__} values") from None
+        if key in SWEEP_CHECKPOINTS and min(grid[key]) < 1:
+            raise ValueError(f"--sweep {key}={text}: each value is a number of checkpoints, >= 1")
     return grid
 
 

@@ -140,6 +140,8 @@ def test_best_and_average_best_choose_by_the_recorded_validation(bundle, tmp_pat
     assert "--sweep: none of its 2 checkpoint choices could be loaded; the first, average_best=4: " in err
     assert cli.main(["evaluate", "--model", str(run), "--sweep", "length_penalty=x"]) == 1
     assert "--sweep length_penalty=x: expected float values" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", str(run), "--sweep", "average_best=3,0"]) == 1  # a bad value: no skip
+    assert "--sweep average_best=3,0: each value is a number of checkpoints, >= 1" in capsys.readouterr().err
 
 
 def test_a_run_with_fewer_checkpoints_than_average_last_averages_what_it_has(bundle, tmp_path, caplog):
