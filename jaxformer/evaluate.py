@@ -286,10 +286,9 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
     return grid
 
 
-def _named(row: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
-    """A sweep row's settings as `key=value` words (those of `keys`, default every setting)."""
-    return " ".join(f"{k}={row[k]}" for k in (keys if keys is not None else row)
-                    if k in row and k not in ("reason", "checkpoint_steps", "bleu", "bleu_moses_lc", "f1"))
+def _named(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """A sweep row's settings as `key=value` words: those of `keys` that it has."""
+    return " ".join(f"{k}={row[k]}" for k in keys if k in row)
 
 
 def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: str | os.PathLike | None = None, *,
@@ -359,7 +358,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
             log.info("sweep %s: %s %.2f", row, metric, score)
     if not rows:
         raise ValueError(f"--sweep: none of its {len(skipped)} checkpoint choices could be loaded; the first, "
-                         f"{_named(skipped[0])}: {skipped[0]['reason']}")
+                         f"{_named(skipped[0], swept)}: {skipped[0]['reason']}")
     best = max(rows, key=lambda r: r[metric])  # ties: the first in grid order
     keys = [*swept, *decode_keys]
     width = {k: max(14, len(k)) for k in [*keys, metric]}  # a column as wide as its name
@@ -368,7 +367,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Mapping[str, list], out_dir: 
               for r in rows]
     what = ("parseval F1" if metric == "f1" else "Moses-tokenized lowercased BLEU" if metric == "bleu_moses_lc"
             else "tokenized BLEU" if tokenized else "BLEU")
-    lines += [f"skipped: {_named(r)} ({r['reason']})" for r in skipped]
+    lines += [f"skipped: {_named(r, swept)} ({r['reason']})" for r in skipped]
     lines.append(f"chosen: {_named(best, keys)} ({what} {best[metric]:.2f} on {origin})")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(model_path) / "evaluation" / f"sweep-{name}"
     out.mkdir(parents=True, exist_ok=True)
